@@ -1,0 +1,185 @@
+"""Serves the management API on a loopback listener and routes proxied calls for keys_api_host to it."""
+
+import asyncio
+import logging
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from mitmproxy import ctx, http
+
+from addon import api, validation
+from addon.settings import API_FLOW, Settings
+from addon.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@tornado.web.stream_request_body
+class _Handler(tornado.web.RequestHandler):
+    """Hands every request to the framework-free ManagementApi."""
+
+    SUPPORTED_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+
+    def initialize(self, listener: "ApiListener") -> None:
+        self.listener = listener
+        self.body = bytearray()
+        self.too_large = False
+
+    def prepare(self) -> None:
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > validation.MAX_BODY_BYTES:
+            self.too_large = True
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.too_large:
+            return
+        self.body += chunk
+        if len(self.body) > validation.MAX_BODY_BYTES:
+            self.too_large = True
+            self.body.clear()
+
+    async def _serve(self) -> None:
+        reply = await self.listener.answer(
+            self.request.method, self.request.uri, self.request.headers.get("Authorization"),
+            bytes(self.body), self.too_large,
+        )
+        self.set_status(reply.status)
+        for name, value in reply.headers.items():
+            self.set_header(name, value)
+        if reply.body is not None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(reply.encoded())
+        else:
+            self.finish()
+
+    get = post = put = delete = patch = head = options = _serve
+
+    def compute_etag(self) -> None:
+        return None
+
+
+class ApiListener:
+    """Runs the management API listener and sends proxied API calls to it.
+
+    A call through the proxy is redirected to the loopback listener with both bodies streamed,
+    so the flow keeps neither the request body nor the response (which holds new key secrets),
+    and the admin token is removed from the flow once the request has been sent.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._server: tornado.httpserver.HTTPServer | None = None
+        self.port: int | None = None
+
+    async def answer(self, method: str, uri: str, authorization: str | None, body: bytes, too_large: bool) -> api.Reply:
+        config = self.settings.config
+        store = self.settings.store
+        if config is None or store is None:
+            return api.error(503, "key store unavailable")
+        if too_large and api.bearer_token_matches(authorization, config.admin_token):
+            return api.error(413, "request body is larger than 1 MiB")
+        handler = api.ManagementApi(store, config.admin_token)
+        try:
+            return await store.in_thread(handler.handle, method, uri, authorization, b"" if too_large else body)
+        except StoreUnavailable as problem:
+            log.error("key store unavailable during %s %s: %s", method, uri.split("?", 1)[0], problem)
+            return api.error(503, "key store unavailable")
+        except Exception:
+            log.exception("management API failed on %s %s", method, uri.split("?", 1)[0])
+            return api.error(500, "internal error; see the proxy log")
+
+    # -- listener lifecycle ------------------------------------------------------
+
+    async def running(self) -> None:
+        await self._start()
+
+    def configure(self, updated: set[str]) -> None:
+        if "keys_api_port" in updated and self._server is not None:
+            asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        self._stop()
+        await self._start()
+
+    async def _start(self) -> None:
+        config = self.settings.config
+        assert config is not None
+        app = tornado.web.Application(
+            [(r".*", _Handler, {"listener": self})],
+            log_function=_log_request,
+        )
+        # Tornado's own limit sits above ours, so that oversized bodies get our 413 reply.
+        server = tornado.httpserver.HTTPServer(app, max_body_size=64 * validation.MAX_BODY_BYTES, xheaders=False)
+        try:
+            sockets = tornado.netutil.bind_sockets(config.api_port, address="127.0.0.1")
+        except OSError as problem:
+            log.error("cannot listen on 127.0.0.1:%d for the management API: %s", config.api_port, problem)
+            return
+        server.add_sockets(sockets)
+        self._server = server
+        self.port = sockets[0].getsockname()[1]
+        if config.api_port:
+            log.info("mitmkeys management API: http://127.0.0.1:%d/ and http://%s/ through the proxy", self.port, config.api_host)
+        else:
+            log.info("mitmkeys management API: http://%s/ through the proxy only", config.api_host)
+
+    def _stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            self.port = None
+
+    def done(self) -> None:
+        self._stop()
+
+    # -- calls through the proxy -------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # keys_api_host has no DNS entry: accept the tunnel without connecting anywhere.
+        if self._is_api_host(flow) and not flow.response:
+            flow.response = http.Response.make(200)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not self._is_api_host(flow):
+            return
+        flow.metadata[API_FLOW] = True
+        flow.comment = "mitmkeys management API"
+        if self.port is None:
+            flow.response = http.Response.make(
+                503, b'{"error": "management API listener is not running"}', {"Content-Type": "application/json"}
+            )
+            return
+        request = flow.request
+        request.scheme = "http"
+        request.host = "127.0.0.1"
+        request.port = self.port
+        request.stream = True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(API_FLOW) and flow.request.stream:
+            self._forget_token(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(API_FLOW) and flow.response:
+            self._forget_token(flow)
+            flow.response.stream = True
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(API_FLOW):
+            self._forget_token(flow)
+
+    @staticmethod
+    def _forget_token(flow: http.HTTPFlow) -> None:
+        if "Authorization" in flow.request.headers:
+            flow.request.headers["Authorization"] = "[redacted by mitmkeys]"
+
+    def _is_api_host(self, flow: http.HTTPFlow) -> bool:
+        config = self.settings.config
+        return config is not None and flow.request.host.lower().rstrip(".") == config.api_host
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    # Tornado logs every 4xx as a warning by default; an API refusal is routine, so debug.
+    request = handler.request
+    log.debug("management API %s %s -> %d", request.method, request.path, handler.get_status())

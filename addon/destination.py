@@ -1,0 +1,98 @@
+"""Service base URLs and the rule that decides whether a request goes to a key's service."""
+
+import ipaddress
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Upstream(NamedTuple):
+    """A service's base URL split into what a destination must match."""
+
+    scheme: str
+    host: str  # lower case, IPv6 without brackets
+    port: int
+    path_prefix: str  # "" or "/v1", never with a trailing slash
+
+
+def parse_base_url(base_url: str) -> Upstream:
+    """Split an absolute http(s) URL with a host; raises ValueError saying what is wrong."""
+    try:
+        parts = urlsplit(base_url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"{base_url!r} is not a valid URL: {error}") from None
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(f"{base_url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{base_url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{base_url!r} must not contain user information; use credential")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{base_url!r} must not have a query or fragment")
+    if _has_dot_segment(parts.path):
+        raise ValueError(f"{base_url!r} must not contain '.' or '..' path segments")
+    return Upstream(
+        scheme=parts.scheme,
+        host=_normalize_host(parts.hostname),
+        port=port if port is not None else DEFAULT_PORTS[parts.scheme],
+        path_prefix=parts.path.rstrip("/"),
+    )
+
+
+def _normalize_host(host: str) -> str:
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def _has_dot_segment(path: str) -> bool:
+    # Decode first so that %2e%2e and ..%2f count as the dot segments an upstream would
+    # resolve them to.
+    decoded = unquote(path)
+    return any(segment in (".", "..") for segment in decoded.replace("\\", "/").split("/"))
+
+
+def goes_to(upstream: Upstream, scheme: str, host: str, port: int, path: str) -> bool:
+    """Whether a request for scheme://host:port/path stays inside the upstream's base URL."""
+    if scheme != upstream.scheme or port != upstream.port:
+        return False
+    if _normalize_host(host) != upstream.host:
+        return False
+    path_only = path.split("?", 1)[0].split("#", 1)[0]
+    if _has_dot_segment(path_only):
+        return False
+    prefix = upstream.path_prefix
+    return not prefix or path_only == prefix or path_only.startswith(prefix + "/")
+
+
+def host_header_agrees(host_header: str | None, scheme: str, host: str, port: int) -> bool:
+    """Whether the Host or :authority header names the host and port that mitmproxy connects to.
+
+    A request without the header agrees: the destination alone decides then.
+    """
+    if host_header is None:
+        return True
+    value = host_header.strip()
+    if value.startswith("["):
+        bracket_end = value.find("]")
+        if bracket_end == -1:
+            return False
+        header_host, rest = value[1:bracket_end], value[bracket_end + 1:]
+        if rest and not rest.startswith(":"):
+            return False
+        header_port_text = rest[1:] if rest else ""
+    elif value.count(":") == 1:
+        header_host, header_port_text = value.split(":")
+    else:
+        header_host, header_port_text = value, ""
+    if header_port_text:
+        if not header_port_text.isdigit():
+            return False
+        header_port = int(header_port_text)
+    else:
+        header_port = DEFAULT_PORTS.get(scheme, -1)
+    return header_port == port and _normalize_host(header_host) == _normalize_host(host)

@@ -1,0 +1,20 @@
+"""mitmproxy script entry point: `mitmdump -s addon/keys.py` loads the mitmkeys addons."""
+
+import pathlib
+import sys
+
+# mitmproxy puts only this file's folder on sys.path while loading it; the addon package is
+# imported from the repository root so that a checkout runs without being installed.
+_REPOSITORY_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+if _REPOSITORY_ROOT not in sys.path:
+    sys.path.insert(0, _REPOSITORY_ROOT)
+
+from addon.apiserver import ApiListener  # noqa: E402
+from addon.proxy import KeyEnforcer  # noqa: E402
+from addon.settings import Settings  # noqa: E402
+
+_settings = Settings()
+
+# Order matters: API calls are claimed before key checks run, and the store, owned by
+# Settings, closes last at shutdown, after the other addons have finished with it.
+addons = [ApiListener(_settings), KeyEnforcer(_settings), _settings]

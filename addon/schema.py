@@ -1,0 +1,100 @@
+"""Database tables and the ordered, versioned migrations that create and change them."""
+
+import logging
+from collections.abc import Callable
+
+import peewee
+
+log = logging.getLogger(__name__)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        # Bound to a real database by the store when it opens.
+        database = None
+        legacy_table_names = False
+
+
+class Service(BaseModel):
+    name = peewee.CharField(primary_key=True, max_length=64)
+    base_url = peewee.TextField()
+    credential = peewee.TextField()
+    credential_header = peewee.TextField()
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+
+class VirtualKey(BaseModel):
+    id = peewee.CharField(primary_key=True, max_length=64)
+    secret_hash = peewee.CharField(unique=True, max_length=64)
+    # The service name, kept without a foreign key: a deleted service leaves its dead keys
+    # behind as history, and they never match a service created later under the same name.
+    target = peewee.CharField(max_length=64, index=True)
+    scope = peewee.CharField(max_length=8)
+    expires_at = peewee.DoubleField()
+    rate_limit = peewee.IntegerField(null=True)
+    one_shot = peewee.BooleanField(default=False)
+    used = peewee.BooleanField(default=False)
+    source = peewee.CharField(max_length=8)
+    created_at = peewee.DoubleField()
+    revoked_at = peewee.DoubleField(null=True)
+
+
+class RateWindow(BaseModel):
+    """Requests counted for one key in one clock minute."""
+
+    key_id = peewee.CharField(max_length=64)
+    window = peewee.IntegerField()  # epoch minute: int(epoch seconds // 60)
+    count = peewee.IntegerField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("key_id", "window")
+
+
+class SchemaVersion(BaseModel):
+    version = peewee.IntegerField()
+
+
+def _create_core_tables(db: peewee.Database) -> None:
+    db.create_tables([Service, VirtualKey, RateWindow])
+
+
+# Each migration runs once, in order, inside one transaction with its version bump.
+# Migrations only add: a released migration is never edited or removed.
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
+    (1, "services, virtual keys and rate windows", _create_core_tables),
+]
+
+MODELS = [Service, VirtualKey, RateWindow, SchemaVersion]
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+class SchemaError(Exception):
+    """The database holds a schema that this version of mitmkeys cannot use."""
+
+
+def migrate(db: peewee.Database) -> int:
+    """Bring the schema to LATEST_VERSION and return the version it started at.
+
+    The whole check-and-apply runs in one write transaction, so two processes starting
+    on the same file apply each migration once.
+    """
+    with db.atomic("IMMEDIATE") if isinstance(db, peewee.SqliteDatabase) else db.atomic():
+        db.create_tables([SchemaVersion])
+        row = SchemaVersion.select().first()
+        start = row.version if row else 0
+        if start > LATEST_VERSION:
+            raise SchemaError(
+                f"database schema version {start} is newer than this mitmkeys "
+                f"(which knows up to {LATEST_VERSION}); upgrade mitmkeys"
+            )
+        for version, description, apply in MIGRATIONS:
+            if version <= start:
+                continue
+            log.info("applying schema migration %d: %s", version, description)
+            apply(db)
+        if row is None:
+            SchemaVersion.create(version=LATEST_VERSION)
+        elif start != LATEST_VERSION:
+            SchemaVersion.update(version=LATEST_VERSION).execute()
+    return start
