@@ -1,5 +1,6 @@
 """The proxy hooks: check each request's virtual key, swap in the credential, redact it after."""
 
+import asyncio
 import json
 import logging
 import weakref
@@ -34,6 +35,8 @@ class KeyEnforcer:
         self.settings = settings
         # Flows that carry an injected credential which has not been redacted yet.
         self._unredacted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._pruned_window = 0
+        self._background: set[asyncio.Task] = set()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.metadata.get(API_FLOW):
@@ -73,6 +76,8 @@ class KeyEnforcer:
         key = found.key
 
         window = int(now // 60)
+        if key.rate_limit is not None and window > self._pruned_window:
+            self._prune_rate_windows(window)
         try:
             if key.rate_limit is not None:
                 allowed = await store.run(
@@ -102,6 +107,22 @@ class KeyEnforcer:
         }
         flow.comment = f"mitmkeys: key {key.id}, service {key.target}"
         self._unredacted.add(flow)
+
+    def _prune_rate_windows(self, window: int) -> None:
+        """Delete counters of past minutes in the background, once per minute."""
+        self._pruned_window = window
+        store = self.settings.store
+        assert store is not None
+
+        async def prune() -> None:
+            try:
+                await store.in_thread(store.prune_rate_windows_now, store.worker_db, window - 1)
+            except StoreUnavailable as error:
+                log.warning("could not prune old rate-limit counters: %s", error)
+
+        task = asyncio.get_running_loop().create_task(prune())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal, key_id: str | None, headers: dict[str, str] | None = None) -> None:
         config = self.settings.config

@@ -96,7 +96,7 @@ class Store:
         # Used only from the event loop thread: it never waits for a lock.
         self._loop_db = _Database(self.path, busy_timeout_ms=0, check_same_thread=False)
         # Used from the worker threads, one connection per thread.
-        self._worker_db = _Database(self.path, busy_timeout_ms=int(LOCK_WAIT_SECONDS * 1000))
+        self.worker_db = _Database(self.path, busy_timeout_ms=int(LOCK_WAIT_SECONDS * 1000))
         self._executor = ThreadPoolExecutor(_WORKER_THREADS, thread_name_prefix="mitmkeys-store")
         self._sql: dict[str, str] = {}
 
@@ -108,12 +108,12 @@ class Store:
         Raises StoreUnavailable when the file cannot be opened or migrated.
         """
         try:
-            self._worker_db.bind(schema.MODELS, bind_refs=False, bind_backrefs=False)
-            self._worker_db.connect(reuse_if_open=True)
-            schema.migrate(self._worker_db)
-            self._worker_db.close()
+            self.worker_db.bind(schema.MODELS, bind_refs=False, bind_backrefs=False)
+            self.worker_db.connect(reuse_if_open=True)
+            schema.migrate(self.worker_db)
+            self.worker_db.close()
             self._loop_db.connect(reuse_if_open=True)
-        except (peewee.OperationalError, peewee.DatabaseError, sqlite3.Error) as error:
+        except (peewee.OperationalError, peewee.DatabaseError, sqlite3.Error, schema.SchemaError) as error:
             raise StoreUnavailable(f"cannot open key store {self.path!r}: {error}") from error
         self._compile_statements()
 
@@ -171,7 +171,7 @@ class Store:
                 raise StoreUnavailable(str(error)) from error
         except (peewee.DatabaseError, sqlite3.Error) as error:
             raise StoreUnavailable(str(error)) from error
-        return await self.in_thread(operation, self._worker_db)
+        return await self.in_thread(operation, self.worker_db)
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call on a worker thread; database errors become StoreUnavailable."""
@@ -252,7 +252,7 @@ class Store:
 
     def delete_service(self, name: str) -> None:
         """Delete a service; raises Conflict while a live key targets it."""
-        with self._worker_db.atomic():
+        with self.worker_db.atomic():
             if Service.get_or_none(Service.name == name) is None:
                 raise NotFound("not found")
             moment = timeutil.now()
@@ -272,7 +272,7 @@ class Store:
     ) -> tuple[KeyRecord, str]:
         """Create a virtual key and return it with its secret, which is never stored."""
         secret = keyformat.new_secret()
-        with self._worker_db.atomic():
+        with self.worker_db.atomic():
             if Service.get_or_none(Service.name == target) is None:
                 raise NotFound("service not found")
             try:
@@ -298,7 +298,7 @@ class Store:
 
     def revoke_key(self, key_id: str) -> None:
         """Revoke a key; revoking it again keeps the first revocation time."""
-        with self._worker_db.atomic():
+        with self.worker_db.atomic():
             if VirtualKey.get_or_none(VirtualKey.id == key_id) is None:
                 raise NotFound("not found")
             VirtualKey.update(revoked_at=timeutil.now()).where(
