@@ -55,6 +55,7 @@ def key_json(key: KeyRecord) -> dict[str, Any]:
         "source": key.source,
         "created_at": timeutil.format_rfc3339(key.created_at),
         "revoked_at": timeutil.format_rfc3339(key.revoked_at),
+        "agent": key.agent,
     }
 
 

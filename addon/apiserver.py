@@ -6,7 +6,7 @@ import logging
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from mitmproxy import ctx, http
+from mitmproxy import http, tls
 
 from addon import api, validation
 from addon.settings import API_FLOW, Settings
@@ -134,6 +134,13 @@ class ApiListener:
         self._stop()
 
     # -- calls through the proxy -------------------------------------------------
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # Nothing listens at keys_api_host, so mitmproxy must not try its TLS first.
+        address = data.context.server.address
+        config = self.settings.config
+        if config is not None and address and address[0].lower().rstrip(".") == config.api_host:
+            data.establish_server_tls_first = False
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # keys_api_host has no DNS entry: accept the tunnel without connecting anywhere.

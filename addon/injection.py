@@ -7,6 +7,7 @@ from mitmproxy import http
 from addon import keyformat
 
 KEY_ID_HEADER = "X-Virtual-Key-ID"
+AGENT_HEADER = "X-Virtual-Key-Agent"
 REDACTED = "[redacted by mitmkeys]"
 
 
@@ -18,16 +19,18 @@ def credential_value(credential_header: str, credential: str) -> str:
 
 def inject(
     request: http.Request, key_header: str, key_id: str, credential_header: str, credential: str,
-    extra_headers: dict[str, str] | None = None,
+    agent: str | None = None,
 ) -> None:
     """Remove every key carrier and client copy of the injected headers, then add ours.
 
     A field is a carrier when it is the configured key header or its whole value is a
-    virtual key secret. Client copies are matched in any letter case.
+    virtual key secret. Client copies are matched in any letter case; a client-sent
+    X-Virtual-Key-Agent is dropped even when the key has no agent label.
     """
     set_headers = {KEY_ID_HEADER: key_id, credential_header: credential_value(credential_header, credential)}
-    set_headers.update(extra_headers or {})
-    strip_carriers(request, key_header, also_drop=set_headers)
+    if agent:
+        set_headers[AGENT_HEADER] = agent
+    strip_carriers(request, key_header, also_drop=[*set_headers, AGENT_HEADER])
     for name, value in set_headers.items():
         request.headers[name] = value
 

@@ -99,7 +99,7 @@ class KeyEnforcer:
             self._refuse(flow, checks.STORE_UNAVAILABLE, key.id)
             return
 
-        injection.inject(request, config.key_header, key.id, found.credential_header, found.credential)
+        injection.inject(request, config.key_header, key.id, found.credential_header, found.credential, key.agent)
         flow.metadata[DECISION] = {
             "key_id": key.id,
             "service": key.target,

@@ -23,6 +23,7 @@ class KeyRecord(NamedTuple):
     source: str
     created_at: float
     revoked_at: float | None
+    agent: str | None = None
 
 
 class KeyLookup(NamedTuple):

@@ -4,6 +4,7 @@ import logging
 from collections.abc import Callable
 
 import peewee
+import playhouse.migrate
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class VirtualKey(BaseModel):
     source = peewee.CharField(max_length=8)
     created_at = peewee.DoubleField()
     revoked_at = peewee.DoubleField(null=True)
+    # Free-text label of the agent a key was issued to (MCP), sent upstream as X-Virtual-Key-Agent.
+    agent = peewee.CharField(max_length=128, null=True)
 
 
 class RateWindow(BaseModel):
@@ -56,13 +59,37 @@ class SchemaVersion(BaseModel):
 
 
 def _create_core_tables(db: peewee.Database) -> None:
-    db.create_tables([Service, VirtualKey, RateWindow])
+    # The tables as version 1 had them: later columns are added by their own migrations.
+    db.execute_sql(
+        'CREATE TABLE IF NOT EXISTS "service" ("name" VARCHAR(64) NOT NULL PRIMARY KEY, '
+        '"base_url" TEXT NOT NULL, "credential" TEXT NOT NULL, "credential_header" TEXT NOT NULL, '
+        '"created_at" REAL NOT NULL, "updated_at" REAL NOT NULL)'
+    )
+    db.execute_sql(
+        'CREATE TABLE IF NOT EXISTS "virtual_key" ("id" VARCHAR(64) NOT NULL PRIMARY KEY, '
+        '"secret_hash" VARCHAR(64) NOT NULL, "target" VARCHAR(64) NOT NULL, '
+        '"scope" VARCHAR(8) NOT NULL, "expires_at" REAL NOT NULL, "rate_limit" INTEGER, '
+        '"one_shot" INTEGER NOT NULL, "used" INTEGER NOT NULL, "source" VARCHAR(8) NOT NULL, '
+        '"created_at" REAL NOT NULL, "revoked_at" REAL)'
+    )
+    db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "virtual_key_secret_hash" ON "virtual_key" ("secret_hash")')
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "virtual_key_target" ON "virtual_key" ("target")')
+    db.execute_sql(
+        'CREATE TABLE IF NOT EXISTS "rate_window" ("key_id" VARCHAR(64) NOT NULL, '
+        '"window" INTEGER NOT NULL, "count" INTEGER NOT NULL, PRIMARY KEY ("key_id", "window"))'
+    )
+
+
+def _add_agent_label(db: peewee.Database) -> None:
+    migrator = playhouse.migrate.SchemaMigrator.from_database(db)
+    playhouse.migrate.migrate(migrator.add_column("virtual_key", "agent", VirtualKey.agent))
 
 
 # Each migration runs once, in order, inside one transaction with its version bump.
 # Migrations only add: a released migration is never edited or removed.
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "services, virtual keys and rate windows", _create_core_tables),
+    (2, "agent label on virtual keys", _add_agent_label),
 ]
 
 MODELS = [Service, VirtualKey, RateWindow, SchemaVersion]

@@ -128,7 +128,7 @@ class Store:
             VirtualKey.select(
                 VirtualKey.id, VirtualKey.target, VirtualKey.scope, VirtualKey.expires_at,
                 VirtualKey.rate_limit, VirtualKey.one_shot, VirtualKey.used, VirtualKey.source,
-                VirtualKey.created_at, VirtualKey.revoked_at,
+                VirtualKey.created_at, VirtualKey.revoked_at, VirtualKey.agent,
                 Service.base_url, Service.credential, Service.credential_header,
             )
             .join(Service, peewee.JOIN.LEFT_OUTER, on=(Service.name == VirtualKey.target))
@@ -195,9 +195,9 @@ class Store:
         key = KeyRecord(
             id=row[0], target=row[1], scope=row[2], expires_at=row[3], rate_limit=row[4],
             one_shot=bool(row[5]), used=bool(row[6]), source=row[7], created_at=row[8],
-            revoked_at=row[9],
+            revoked_at=row[9], agent=row[10],
         )
-        return KeyLookup(key, base_url=row[10], credential=row[11], credential_header=row[12])
+        return KeyLookup(key, base_url=row[11], credential=row[12], credential_header=row[13])
 
     def consume_one_shot_now(self, db: peewee.Database, key_id: str) -> bool:
         """Mark a one-shot key used; True only for the one caller whose update changed the row."""
@@ -268,7 +268,7 @@ class Store:
 
     def create_key(
         self, *, key_id: str, target: str, scope: str, expires_at: float,
-        rate_limit: int | None, one_shot: bool, source: str,
+        rate_limit: int | None, one_shot: bool, source: str, agent: str | None = None,
     ) -> tuple[KeyRecord, str]:
         """Create a virtual key and return it with its secret, which is never stored."""
         secret = keyformat.new_secret()
@@ -280,7 +280,7 @@ class Store:
                     id=key_id, secret_hash=keyformat.hash_secret(secret), target=target,
                     scope=scope, expires_at=expires_at, rate_limit=rate_limit,
                     one_shot=one_shot, used=False, source=source,
-                    created_at=timeutil.now(), revoked_at=None,
+                    created_at=timeutil.now(), revoked_at=None, agent=agent,
                 ).execute()
             except peewee.IntegrityError:
                 raise Conflict("key already exists") from None
@@ -319,4 +319,5 @@ def _key_record(row: VirtualKey) -> KeyRecord:
         id=row.id, target=row.target, scope=row.scope, expires_at=row.expires_at,
         rate_limit=row.rate_limit, one_shot=bool(row.one_shot), used=bool(row.used),
         source=row.source, created_at=row.created_at, revoked_at=row.revoked_at,
+        agent=row.agent,
     )

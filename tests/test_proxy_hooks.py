@@ -421,3 +421,20 @@ def test_event_stream_response_streams(db_path):
             return flow
 
     assert run(scenario()).response.stream is True
+
+
+def test_agent_label_sent_upstream(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, labelled = add_key(store, agent="planner-bot", source="mcp")
+            _, unlabelled = add_key(store)
+            first = make_flow([("X-Virtual-Key", labelled), ("x-virtual-key-agent", "forged")])
+            second = make_flow([("X-Virtual-Key", unlabelled), ("X-Virtual-Key-Agent", "forged")])
+            await enforcer.requestheaders(first)
+            await enforcer.requestheaders(second)
+            return first, second
+
+    first, second = run(scenario())
+    assert first.request.headers.get_all("X-Virtual-Key-Agent") == ["planner-bot"]
+    assert "X-Virtual-Key-Agent" not in second.request.headers
