@@ -22,6 +22,7 @@ KEY_ALREADY_USED = Refusal(401, "key already used")
 WRONG_HOST = Refusal(403, "key not valid for this host")
 INSUFFICIENT_SCOPE = Refusal(403, "insufficient scope")
 RATE_LIMITED = Refusal(429, "rate limit exceeded")
+BUDGET_EXCEEDED = Refusal(429, "token budget exceeded")
 MISSING_KEY = Refusal(401, "missing key")
 STORE_UNAVAILABLE = Refusal(503, "key store unavailable")
 

@@ -10,11 +10,15 @@ if _REPOSITORY_ROOT not in sys.path:
     sys.path.insert(0, _REPOSITORY_ROOT)
 
 from addon.apiserver import ApiListener  # noqa: E402
+from addon.metering import UsageMeter  # noqa: E402
 from addon.proxy import KeyEnforcer  # noqa: E402
+from addon.recorder import UsageRecorder  # noqa: E402
 from addon.settings import Settings  # noqa: E402
 
 _settings = Settings()
+_recorder = UsageRecorder(_settings)
 
-# Order matters: API calls are claimed before key checks run, and the store, owned by
-# Settings, closes last at shutdown, after the other addons have finished with it.
-addons = [ApiListener(_settings), KeyEnforcer(_settings), _settings]
+# Order matters. API calls are claimed before key checks run; the meter records a request
+# after the enforcer has decided on it; at shutdown the meter hands over interrupted
+# requests before the recorder writes its last batch, and Settings closes the store last.
+addons = [ApiListener(_settings), KeyEnforcer(_settings), UsageMeter(_recorder), _recorder, _settings]

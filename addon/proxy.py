@@ -1,4 +1,9 @@
-"""The proxy hooks: check each request's virtual key, swap in the credential, redact it after."""
+"""The proxy hooks: check each request's virtual key, swap in the credential, redact it after.
+
+`requestheaders` makes every decision that reads only the request line and headers; the
+`request` hook, which mitmproxy runs once the body is in and before anything is sent, takes
+the rate-limit slot, the token reservation and the one-shot use, then injects the credential.
+"""
 
 import asyncio
 import json
@@ -7,15 +12,17 @@ import weakref
 
 from mitmproxy import http
 
-from addon import checks, injection, keyformat, timeutil
+from addon import checks, injection, keyformat, timeutil, usage
 from addon.checks import Refusal
+from addon.records import KeyLookup
 from addon.settings import API_FLOW, Settings
 from addon.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# flow.metadata entry recording the decision for later hooks and for saved flows.
-# It holds the key id, service name and credential header name, never a secret.
+# flow.metadata entry recording the decision for later hooks and for saved flows. It holds
+# ids, names and counts (key_id, service, credential_header, reservation_id, estimate,
+# refused), never a secret.
 DECISION = "mitmkeys"
 
 
@@ -33,6 +40,9 @@ class KeyEnforcer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Keys that passed the header checks, waiting for the request hook. Held here and
+        # not in flow.metadata because a lookup carries the credential.
+        self._admitted: weakref.WeakKeyDictionary[http.HTTPFlow, KeyLookup] = weakref.WeakKeyDictionary()
         # Flows that carry an injected credential which has not been redacted yet.
         self._unredacted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._pruned_window = 0
@@ -49,64 +59,99 @@ class KeyEnforcer:
         carriers = keyformat.find_carriers(request.headers.fields, config.key_header)
         if not carriers.header_names:
             if config.strict:
-                self._refuse(flow, checks.MISSING_KEY, None)
+                self._refuse(flow, checks.MISSING_KEY)
             return
+        # From here on no secret stays in the flow, whatever the outcome.
+        injection.strip_carriers(request, config.key_header)
         if len(carriers.secrets) > 1:
-            self._refuse(flow, checks.CONFLICTING_KEYS, None)
+            self._refuse(flow, checks.CONFLICTING_KEYS)
             return
         if carriers.malformed:
-            self._refuse(flow, checks.INVALID_KEY, None)
+            self._refuse(flow, checks.INVALID_KEY)
             return
         (secret,) = carriers.secrets
 
-        now = timeutil.now()
         try:
             found = await store.run(lambda db: store.find_key_now(db, secret))
         except StoreUnavailable as error:
             log.error("key store unavailable while looking up a key: %s", error)
-            self._refuse(flow, checks.STORE_UNAVAILABLE, None)
+            self._refuse(flow, checks.STORE_UNAVAILABLE)
             return
-        key_id = found.key.id if found else None
 
-        refusal = checks.check_key(found, _request_line(request), now)
+        refusal = checks.check_key(found, _request_line(request), timeutil.now())
         if refusal is not None:
-            self._refuse(flow, refusal, key_id)
+            self._refuse(flow, refusal, found)
             return
-        assert found is not None and found.credential is not None and found.credential_header is not None
-        key = found.key
+        assert found is not None
+        # The body must reach the request hook before anything is sent upstream.
+        request.stream = False
+        self._admitted[flow] = found
 
+    async def request(self, flow: http.HTTPFlow) -> None:
+        found = self._admitted.pop(flow, None)
+        if found is None:
+            # A streamed request has already sent its headers when this hook runs.
+            if flow.request.stream:
+                self._redact(flow)
+            return
+        if flow.response or flow.error or not flow.live:
+            return
+        if flow.request.stream:
+            log.error("request of key %s was streamed before its key was checked; refused", found.key.id)
+            flow.kill()
+            return
+        store = self.settings.store
+        config = self.settings.config
+        assert store is not None and config is not None
+        key = found.key
+        now = timeutil.now()
         window = int(now // 60)
-        if key.rate_limit is not None and window > self._pruned_window:
-            self._prune_rate_windows(window)
+        decision: dict = {"key_id": key.id, "service": key.target}
+
         try:
             if key.rate_limit is not None:
-                allowed = await store.run(
-                    lambda db: store.take_rate_slot_now(db, key.id, window, key.rate_limit)
-                )
+                if window > self._pruned_window:
+                    self._prune_rate_windows(window)
+                allowed = await store.run(lambda db: store.take_rate_slot_now(db, key.id, window, key.rate_limit))
                 if not allowed:
-                    self._refuse(flow, checks.RATE_LIMITED, key.id, {"Retry-After": str(checks.retry_after(now))})
+                    self._refuse(flow, checks.RATE_LIMITED, found, {"Retry-After": str(checks.retry_after(now))})
                     return
+
+            if key.token_budget is not None:
+                estimate = usage.estimate_from_request(flow.request.raw_content)
+                reservation = await store.run(lambda db: store.reserve_tokens_now(db, key.id, estimate, now))
+                if reservation is None:
+                    await self._give_back(found, window, None)
+                    self._refuse(flow, checks.BUDGET_EXCEEDED, found)
+                    return
+                decision.update(reservation_id=reservation, estimate=estimate)
 
             if key.one_shot:
                 consumed = await store.run(lambda db: store.consume_one_shot_now(db, key.id))
                 if not consumed:
-                    if key.rate_limit is not None:
-                        await store.run(lambda db: store.give_back_rate_slot_now(db, key.id, window))
-                    self._refuse(flow, checks.KEY_ALREADY_USED, key.id)
+                    await self._give_back(found, window, decision.get("reservation_id"))
+                    self._refuse(flow, checks.KEY_ALREADY_USED, found)
                     return
         except StoreUnavailable as error:
             log.error("key store unavailable while recording use of key %s: %s", key.id, error)
-            self._refuse(flow, checks.STORE_UNAVAILABLE, key.id)
+            self._refuse(flow, checks.STORE_UNAVAILABLE, found)
             return
 
-        injection.inject(request, config.key_header, key.id, found.credential_header, found.credential, key.agent)
-        flow.metadata[DECISION] = {
-            "key_id": key.id,
-            "service": key.target,
-            "credential_header": found.credential_header,
-        }
+        assert found.credential is not None and found.credential_header is not None
+        injection.inject(flow.request, config.key_header, key.id, found.credential_header, found.credential, key.agent)
+        decision["credential_header"] = found.credential_header
+        flow.metadata[DECISION] = decision
         flow.comment = f"mitmkeys: key {key.id}, service {key.target}"
         self._unredacted.add(flow)
+
+    async def _give_back(self, found: KeyLookup, window: int, reservation_id: int | None) -> None:
+        """Undo the writes of a request refused by a later step, so refusals cost nothing."""
+        store = self.settings.store
+        assert store is not None
+        if found.key.rate_limit is not None:
+            await store.run(lambda db: store.give_back_rate_slot_now(db, found.key.id, window))
+        if reservation_id is not None:
+            await store.run(lambda db: store.release_reservation_now(db, reservation_id))
 
     def _prune_rate_windows(self, window: int) -> None:
         """Delete counters of past minutes in the background, once per minute."""
@@ -124,12 +169,15 @@ class KeyEnforcer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal, key_id: str | None, headers: dict[str, str] | None = None) -> None:
-        config = self.settings.config
-        assert config is not None
-        injection.strip_carriers(flow.request, config.key_header)
+    def _refuse(
+        self, flow: http.HTTPFlow, refusal: Refusal, found: KeyLookup | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        key_id = found.key.id if found else None
         refuse(flow, refusal, headers)
-        flow.metadata[DECISION] = {"key_id": key_id, "refused": refusal.error}
+        flow.metadata[DECISION] = {
+            "key_id": key_id, "service": found.key.target if found else None, "refused": refusal.error,
+        }
         flow.comment = f"mitmkeys: refused ({refusal.error})" + (f", key {key_id}" if key_id else "")
         log.info(
             "refused %s %s://%s:%d: %s (key %s)",
@@ -137,16 +185,8 @@ class KeyEnforcer:
             refusal.error, key_id or "-",
         )
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        # A streamed request has already sent its headers when this hook runs.
-        if flow.request.stream:
-            self._redact(flow)
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
-        content_type = flow.response.headers.get("content-type", "") if flow.response else ""
-        if content_type.lower().startswith("text/event-stream") and not flow.response.stream:
-            flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
@@ -162,8 +202,7 @@ class KeyEnforcer:
     def _redact(self, flow: http.HTTPFlow) -> None:
         if flow not in self._unredacted:
             return
-        decision = flow.metadata.get(DECISION) or {}
-        header = decision.get("credential_header")
+        header = (flow.metadata.get(DECISION) or {}).get("credential_header")
         if header:
             injection.redact(flow.request, header)
         self._unredacted.discard(flow)

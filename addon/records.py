@@ -24,6 +24,9 @@ class KeyRecord(NamedTuple):
     created_at: float
     revoked_at: float | None
     agent: str | None = None
+    token_budget: int | None = None
+    tokens_used: int = 0
+    requests: int = 0
 
 
 class KeyLookup(NamedTuple):
@@ -36,3 +39,38 @@ class KeyLookup(NamedTuple):
     base_url: str | None
     credential: str | None
     credential_header: str | None
+
+
+class UsageRecord(NamedTuple):
+    """One request made with a virtual key, as the usage history stores it."""
+
+    key_id: str
+    service: str
+    method: str
+    path: str
+    status: int | None
+    latency_ms: float | None
+    request_bytes: int
+    response_bytes: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    metered: bool
+    refused: str | None
+    created_at: float
+
+
+class Settlement(NamedTuple):
+    """What a finished request adds to its key's counters, and the reservation it frees."""
+
+    key_id: str
+    tokens: int
+    reservation_id: int | None
+
+
+class UsagePage(NamedTuple):
+    events: list[UsageRecord]
+    total: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

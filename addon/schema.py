@@ -4,7 +4,6 @@ import logging
 from collections.abc import Callable
 
 import peewee
-import playhouse.migrate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,39 @@ class VirtualKey(BaseModel):
     revoked_at = peewee.DoubleField(null=True)
     # Free-text label of the agent a key was issued to (MCP), sent upstream as X-Virtual-Key-Agent.
     agent = peewee.CharField(max_length=128, null=True)
+    token_budget = peewee.IntegerField(null=True)  # total tokens; None = no budget
+    tokens_used = peewee.IntegerField(default=0)
+    requests = peewee.IntegerField(default=0)  # forwarded requests
+
+
+class TokenReservation(BaseModel):
+    """Tokens held back for one in-flight request of a key with a token budget."""
+
+    key_id = peewee.CharField(max_length=64, index=True)
+    tokens = peewee.IntegerField()
+    created_at = peewee.DoubleField()
+
+
+class UsageEvent(BaseModel):
+    """One proxied request made with a virtual key, forwarded or refused."""
+
+    key_id = peewee.CharField(max_length=64)
+    service = peewee.CharField(max_length=64)
+    method = peewee.CharField(max_length=16)
+    path = peewee.TextField()  # without the query string
+    status = peewee.IntegerField(null=True)  # None when the upstream connection failed
+    latency_ms = peewee.DoubleField(null=True)
+    request_bytes = peewee.IntegerField()
+    response_bytes = peewee.IntegerField()
+    prompt_tokens = peewee.IntegerField(null=True)
+    completion_tokens = peewee.IntegerField(null=True)
+    total_tokens = peewee.IntegerField(null=True)
+    metered = peewee.BooleanField()
+    refused = peewee.TextField(null=True)  # the refusal's error text
+    created_at = peewee.DoubleField()
+
+    class Meta:
+        indexes = ((("key_id", "created_at"), False), (("created_at",), False))
 
 
 class RateWindow(BaseModel):
@@ -59,7 +91,6 @@ class SchemaVersion(BaseModel):
 
 
 def _create_core_tables(db: peewee.Database) -> None:
-    # The tables as version 1 had them: later columns are added by their own migrations.
     db.execute_sql(
         'CREATE TABLE IF NOT EXISTS "service" ("name" VARCHAR(64) NOT NULL PRIMARY KEY, '
         '"base_url" TEXT NOT NULL, "credential" TEXT NOT NULL, "credential_header" TEXT NOT NULL, '
@@ -80,9 +111,32 @@ def _create_core_tables(db: peewee.Database) -> None:
     )
 
 
+# Migrations spell out their SQL instead of deriving it from the models, so that a model
+# changed by a later migration cannot change what an earlier one creates.
+
 def _add_agent_label(db: peewee.Database) -> None:
-    migrator = playhouse.migrate.SchemaMigrator.from_database(db)
-    playhouse.migrate.migrate(migrator.add_column("virtual_key", "agent", VirtualKey.agent))
+    db.execute_sql('ALTER TABLE "virtual_key" ADD COLUMN "agent" VARCHAR(128)')
+
+
+def _add_usage_and_budgets(db: peewee.Database) -> None:
+    db.execute_sql('ALTER TABLE "virtual_key" ADD COLUMN "token_budget" INTEGER')
+    db.execute_sql('ALTER TABLE "virtual_key" ADD COLUMN "tokens_used" INTEGER NOT NULL DEFAULT 0')
+    db.execute_sql('ALTER TABLE "virtual_key" ADD COLUMN "requests" INTEGER NOT NULL DEFAULT 0')
+    db.execute_sql(
+        'CREATE TABLE "token_reservation" ("id" INTEGER NOT NULL PRIMARY KEY, '
+        '"key_id" VARCHAR(64) NOT NULL, "tokens" INTEGER NOT NULL, "created_at" REAL NOT NULL)'
+    )
+    db.execute_sql('CREATE INDEX "token_reservation_key_id" ON "token_reservation" ("key_id")')
+    db.execute_sql(
+        'CREATE TABLE "usage_event" ("id" INTEGER NOT NULL PRIMARY KEY, '
+        '"key_id" VARCHAR(64) NOT NULL, "service" VARCHAR(64) NOT NULL, '
+        '"method" VARCHAR(16) NOT NULL, "path" TEXT NOT NULL, "status" INTEGER, '
+        '"latency_ms" REAL, "request_bytes" INTEGER NOT NULL, "response_bytes" INTEGER NOT NULL, '
+        '"prompt_tokens" INTEGER, "completion_tokens" INTEGER, "total_tokens" INTEGER, '
+        '"metered" INTEGER NOT NULL, "refused" TEXT, "created_at" REAL NOT NULL)'
+    )
+    db.execute_sql('CREATE INDEX "usage_event_key_id_created_at" ON "usage_event" ("key_id", "created_at")')
+    db.execute_sql('CREATE INDEX "usage_event_created_at" ON "usage_event" ("created_at")')
 
 
 # Each migration runs once, in order, inside one transaction with its version bump.
@@ -90,9 +144,10 @@ def _add_agent_label(db: peewee.Database) -> None:
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "services, virtual keys and rate windows", _create_core_tables),
     (2, "agent label on virtual keys", _add_agent_label),
+    (3, "usage events, token budgets and reservations", _add_usage_and_budgets),
 ]
 
-MODELS = [Service, VirtualKey, RateWindow, SchemaVersion]
+MODELS = [Service, VirtualKey, RateWindow, TokenReservation, UsageEvent, SchemaVersion]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 

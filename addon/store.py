@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlsplit
 import peewee
 
 from addon import keyformat, schema, timeutil
-from addon.records import KeyLookup, KeyRecord, ServiceRecord
-from addon.schema import RateWindow, Service, VirtualKey
+from addon.records import KeyLookup, KeyRecord, ServiceRecord, Settlement, UsagePage, UsageRecord
+from addon.schema import RateWindow, Service, TokenReservation, UsageEvent, VirtualKey
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Store:
                 VirtualKey.id, VirtualKey.target, VirtualKey.scope, VirtualKey.expires_at,
                 VirtualKey.rate_limit, VirtualKey.one_shot, VirtualKey.used, VirtualKey.source,
                 VirtualKey.created_at, VirtualKey.revoked_at, VirtualKey.agent,
-                Service.base_url, Service.credential, Service.credential_header,
+                VirtualKey.token_budget, Service.base_url, Service.credential, Service.credential_header,
             )
             .join(Service, peewee.JOIN.LEFT_OUTER, on=(Service.name == VirtualKey.target))
             .where(VirtualKey.secret_hash == "")
@@ -195,9 +195,9 @@ class Store:
         key = KeyRecord(
             id=row[0], target=row[1], scope=row[2], expires_at=row[3], rate_limit=row[4],
             one_shot=bool(row[5]), used=bool(row[6]), source=row[7], created_at=row[8],
-            revoked_at=row[9], agent=row[10],
+            revoked_at=row[9], agent=row[10], token_budget=row[11],
         )
-        return KeyLookup(key, base_url=row[11], credential=row[12], credential_header=row[13])
+        return KeyLookup(key, base_url=row[12], credential=row[13], credential_header=row[14])
 
     def consume_one_shot_now(self, db: peewee.Database, key_id: str) -> bool:
         """Mark a one-shot key used; True only for the one caller whose update changed the row."""
@@ -214,6 +214,20 @@ class Store:
 
     def prune_rate_windows_now(self, db: peewee.Database, before_window: int) -> None:
         db.execute_sql(self._sql["prune_rate_windows"], (before_window,))
+
+    def release_reservation_now(self, db: peewee.Database, reservation_id: int) -> None:
+        db.execute_sql(_RELEASE_RESERVATION_SQL, (reservation_id,))
+
+    def reserve_tokens_now(self, db: peewee.Database, key_id: str, tokens: int, now: float) -> int | None:
+        """Hold `tokens` of a key's budget for one request; return the reservation id, or None.
+
+        One statement checks and inserts, so concurrent requests from any process cannot both
+        take the last tokens. The check admits a request when the spent tokens, the tokens
+        held for requests in flight and this estimate fit in the budget; a budget already
+        used up refuses even a request that names no estimate.
+        """
+        cursor = db.execute_sql(_RESERVE_TOKENS_SQL, (tokens, now, key_id, tokens))
+        return cursor.lastrowid if cursor.rowcount == 1 else None
 
     # -- management: called from worker threads ------------------------------
 
@@ -269,6 +283,7 @@ class Store:
     def create_key(
         self, *, key_id: str, target: str, scope: str, expires_at: float,
         rate_limit: int | None, one_shot: bool, source: str, agent: str | None = None,
+        token_budget: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """Create a virtual key and return it with its secret, which is never stored."""
         secret = keyformat.new_secret()
@@ -281,6 +296,7 @@ class Store:
                     scope=scope, expires_at=expires_at, rate_limit=rate_limit,
                     one_shot=one_shot, used=False, source=source,
                     created_at=timeutil.now(), revoked_at=None, agent=agent,
+                    token_budget=token_budget, tokens_used=0, requests=0,
                 ).execute()
             except peewee.IntegrityError:
                 raise Conflict("key already exists") from None
@@ -305,6 +321,92 @@ class Store:
                 (VirtualKey.id == key_id) & VirtualKey.revoked_at.is_null()
             ).execute()
 
+    def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
+        """Change rate_limit, expires_at or token_budget of a key."""
+        allowed = {"rate_limit", "expires_at", "token_budget"}
+        assert set(changes) <= allowed, f"unexpected key changes {set(changes) - allowed}"
+        if changes:
+            VirtualKey.update(**changes).where(VirtualKey.id == key_id).execute()
+        return self.get_key(key_id)
+
+    def reset_budget(self, key_id: str) -> KeyRecord:
+        updated = VirtualKey.update(tokens_used=0).where(VirtualKey.id == key_id).execute()
+        if not updated:
+            raise NotFound("not found")
+        return self.get_key(key_id)
+
+    # -- usage history: called from worker threads --------------------------------
+
+    def record_usage(self, events: list[UsageRecord], settlements: list[Settlement]) -> None:
+        """Store a batch of usage events and settle finished requests, all in one transaction."""
+        with self.worker_db.atomic():
+            for start in range(0, len(events), 200):
+                UsageEvent.insert_many([event._asdict() for event in events[start:start + 200]]).execute()
+            for settlement in settlements:
+                VirtualKey.update(
+                    requests=VirtualKey.requests + 1,
+                    tokens_used=VirtualKey.tokens_used + settlement.tokens,
+                ).where(VirtualKey.id == settlement.key_id).execute()
+                if settlement.reservation_id is not None:
+                    TokenReservation.delete().where(TokenReservation.id == settlement.reservation_id).execute()
+
+    def usage_page(self, key_id: str, start: float | None, end: float | None, page: int, per_page: int) -> UsagePage:
+        """Return one page of a key's events, newest first, with counts over the whole range."""
+        self.get_key(key_id)
+        condition = UsageEvent.key_id == key_id
+        if start is not None:
+            condition &= UsageEvent.created_at >= start
+        if end is not None:
+            condition &= UsageEvent.created_at < end
+        sums = (
+            UsageEvent.select(
+                peewee.fn.COUNT(UsageEvent.id),
+                peewee.fn.COALESCE(peewee.fn.SUM(UsageEvent.prompt_tokens), 0),
+                peewee.fn.COALESCE(peewee.fn.SUM(UsageEvent.completion_tokens), 0),
+                peewee.fn.COALESCE(peewee.fn.SUM(UsageEvent.total_tokens), 0),
+            )
+            .where(condition)
+            .tuples()
+            .get()
+        )
+        rows = (
+            UsageEvent.select()
+            .where(condition)
+            .order_by(UsageEvent.created_at.desc(), UsageEvent.id.desc())
+            .paginate(page, per_page)
+        )
+        events = [
+            UsageRecord(**{field: getattr(row, field) for field in UsageRecord._fields})
+            for row in rows
+        ]
+        return UsagePage(events, total=sums[0], prompt_tokens=sums[1], completion_tokens=sums[2], total_tokens=sums[3])
+
+    def prune_usage(self, before: float, batch: int = 5000) -> int:
+        """Delete events older than `before` in small transactions, so no lock is held for long."""
+        deleted = 0
+        while True:
+            oldest = UsageEvent.select(UsageEvent.id).where(UsageEvent.created_at < before).limit(batch)
+            count = UsageEvent.delete().where(UsageEvent.id.in_(oldest)).execute()
+            deleted += count
+            if count < batch:
+                return deleted
+
+    def prune_reservations(self, before: float) -> int:
+        """Free reservations of requests that never finished, such as those of a crashed proxy."""
+        return TokenReservation.delete().where(TokenReservation.created_at < before).execute()
+
+
+_HELD_TOKENS = 'COALESCE((SELECT SUM("tokens") FROM "token_reservation" WHERE "key_id" = "virtual_key"."id"), 0)'
+_RESERVE_TOKENS_SQL = (
+    'INSERT INTO "token_reservation" ("key_id", "tokens", "created_at") '
+    'SELECT "id", ?, ? FROM "virtual_key" '
+    'WHERE "id" = ? AND "token_budget" IS NOT NULL '
+    f'AND "tokens_used" + {_HELD_TOKENS} + ? <= "token_budget" '
+    f'AND "tokens_used" + {_HELD_TOKENS} < "token_budget"'
+)
+
+_RELEASE_RESERVATION_SQL = 'DELETE FROM "token_reservation" WHERE "id" = ?'
+
 
 def _service_record(row: Service) -> ServiceRecord:
     return ServiceRecord(
@@ -319,5 +421,6 @@ def _key_record(row: VirtualKey) -> KeyRecord:
         id=row.id, target=row.target, scope=row.scope, expires_at=row.expires_at,
         rate_limit=row.rate_limit, one_shot=bool(row.one_shot), used=bool(row.used),
         source=row.source, created_at=row.created_at, revoked_at=row.revoked_at,
-        agent=row.agent,
+        agent=row.agent, token_budget=row.token_budget, tokens_used=row.tokens_used,
+        requests=row.requests,
     )

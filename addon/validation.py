@@ -37,6 +37,18 @@ class NewKey(NamedTuple):
     expires_at: float
     rate_limit: int | None
     one_shot: bool
+    token_budget: int | None = None
+
+
+class UsageQuery(NamedTuple):
+    start: float | None
+    end: float | None
+    page: int
+    per_page: int
+
+
+DEFAULT_PER_PAGE = 50
+MAX_PER_PAGE = 500
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -172,6 +184,13 @@ def parse_rate_limit(data: dict[str, Any]) -> int | None:
     return rate_limit
 
 
+def parse_token_budget(data: dict[str, Any]) -> int | None:
+    budget = _integer(data, "token_budget")
+    if budget is not None and budget <= 0:
+        raise BadInput("token_budget must be a positive integer (total tokens)")
+    return budget
+
+
 def parse_scope(data: dict[str, Any]) -> str:
     scope = _string(data, "scope", required=False) or "write"
     if scope not in SCOPES:
@@ -193,7 +212,9 @@ def new_key_id() -> str:
 
 
 def parse_new_key(data: dict[str, Any], now: float) -> NewKey:
-    _reject_unknown(data, {"target", "scope", "expires_at", "ttl_seconds", "rate_limit", "one_shot", "id"})
+    _reject_unknown(data, {
+        "target", "scope", "expires_at", "ttl_seconds", "rate_limit", "one_shot", "id", "token_budget",
+    })
     key_id = _string(data, "id", required=False)
     return NewKey(
         id=check_name(key_id, "id") if key_id is not None else new_key_id(),
@@ -202,4 +223,60 @@ def parse_new_key(data: dict[str, Any], now: float) -> NewKey:
         expires_at=parse_expiry(data, now),
         rate_limit=parse_rate_limit(data),
         one_shot=parse_one_shot(data),
+        token_budget=parse_token_budget(data),
+    )
+
+
+def parse_key_changes(data: dict[str, Any], now: float) -> dict[str, Any]:
+    """Return the changes of a PUT on a key; null removes a rate limit or budget."""
+    for fixed in ("target", "id", "key", "scope", "one_shot"):
+        if fixed in data:
+            raise BadInput(f"{fixed} cannot be changed; create a new key instead")
+    _reject_unknown(data, {"rate_limit", "expires_at", "token_budget"})
+    changes: dict[str, Any] = {}
+    if "rate_limit" in data:
+        changes["rate_limit"] = parse_rate_limit(data)
+    if "token_budget" in data:
+        changes["token_budget"] = parse_token_budget(data)
+    if "expires_at" in data:
+        if data["expires_at"] is None:
+            raise BadInput("expires_at cannot be removed; every key expires")
+        changes["expires_at"] = parse_expiry({"expires_at": data["expires_at"]}, now)
+    return changes
+
+
+def _query_integer(query: dict[str, list[str]], field: str, default: int, maximum: int) -> int:
+    values = query.get(field)
+    if not values:
+        return default
+    text = values[-1]
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise BadInput(f"{field} must be an integer between 1 and {maximum}")
+    return int(text)
+
+
+def _query_time(query: dict[str, list[str]], field: str) -> float | None:
+    values = query.get(field)
+    if not values or not values[-1]:
+        return None
+    try:
+        return timeutil.parse_rfc3339(values[-1])
+    except ValueError as error:
+        raise BadInput(f"{field}: {error}") from None
+
+
+def parse_usage_query(query: dict[str, list[str]]) -> UsageQuery:
+    """Parse from, to (RFC 3339; from inclusive, to exclusive), page and per_page."""
+    unknown = sorted(set(query) - {"from", "to", "page", "per_page"})
+    if unknown:
+        raise BadInput(f"unknown query parameter {unknown[0]!r}; expected from, to, page or per_page")
+    start = _query_time(query, "from")
+    end = _query_time(query, "to")
+    if start is not None and end is not None and end < start:
+        raise BadInput("to must not be before from")
+    return UsageQuery(
+        start=start,
+        end=end,
+        page=_query_integer(query, "page", 1, 10**9),
+        per_page=_query_integer(query, "per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE),
     )

@@ -9,7 +9,9 @@ from mitmproxy import http
 
 from addon import injection, timeutil
 from addon.proxy import DECISION
-from tests.unit_support import CREDENTIAL, add_key, add_service, enforcer_context, error_of, make_flow
+from tests.unit_support import (
+    CREDENTIAL, add_key, add_service, enforcer_context, error_of, make_flow, run_request_hooks,
+)
 
 
 def run(coroutine):
@@ -27,7 +29,7 @@ def test_good_key_injects_credential(db_path):
             add_service(store)
             key_id, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow, key_id
 
     flow, key_id = run(scenario())
@@ -51,7 +53,7 @@ def test_key_found_in_any_header(db_path, header):
             add_service(store, header="x-api-key")
             _, secret = add_key(store)
             flow = make_flow([(header[0], header[1].format(secret=secret))])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow, secret
 
     flow, secret = run(scenario())
@@ -71,7 +73,7 @@ def test_client_copies_of_injected_headers_dropped(db_path):
                 ("X-VIRTUAL-KEY-ID", "forged-too"),
                 ("x-api-key", "client-chosen-credential"),
             ])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow, key_id
 
     flow, key_id = run(scenario())
@@ -84,7 +86,7 @@ def test_unknown_key_refused(db_path):
         with enforcer_context(db_path) as (enforcer, store, _):
             add_service(store)
             flow = make_flow([("X-Virtual-Key", "vk_" + "a" * 40)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     flow = run(scenario())
@@ -96,7 +98,7 @@ def test_malformed_key_header_refused(db_path):
     async def scenario():
         with enforcer_context(db_path) as (enforcer, _, _):
             flow = make_flow([("X-Virtual-Key", "not-a-key")])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert error_of(run(scenario())) == (401, "invalid key")
@@ -109,7 +111,7 @@ def test_conflicting_keys_refused(db_path):
             _, first = add_key(store)
             _, second = add_key(store)
             flow = make_flow([("X-Virtual-Key", first), ("Authorization", f"Bearer {second}")])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow, first, second
 
     flow, first, second = run(scenario())
@@ -125,7 +127,7 @@ def test_same_key_twice_accepted(db_path):
             add_service(store)
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret), ("Authorization", f"Bearer {secret}")])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     flow = run(scenario())
@@ -140,7 +142,7 @@ def test_revoked_key_refused(db_path):
             key_id, secret = add_key(store)
             store.revoke_key(key_id)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert error_of(run(scenario())) == (401, "key revoked")
@@ -152,7 +154,7 @@ def test_expired_key_refused(db_path):
             add_service(store)
             _, secret = add_key(store, expires_at=timeutil.now() - 1)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert error_of(run(scenario())) == (401, "key expired")
@@ -165,7 +167,7 @@ def test_revoked_wins_over_expired(db_path):
             key_id, secret = add_key(store, expires_at=timeutil.now() - 1)
             store.revoke_key(key_id)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert error_of(run(scenario())) == (401, "key revoked")
@@ -178,8 +180,8 @@ def test_one_shot_key_used_once(db_path):
             key_id, secret = add_key(store, one_shot=True)
             first = make_flow([("X-Virtual-Key", secret)])
             second = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(first)
-            await enforcer.requestheaders(second)
+            await run_request_hooks(enforcer, first)
+            await run_request_hooks(enforcer, second)
             return first, second, store.get_key(key_id)
 
     first, second, key = run(scenario())
@@ -194,7 +196,7 @@ def test_refused_request_keeps_one_shot_unused(db_path):
             add_service(store)
             key_id, secret = add_key(store, one_shot=True, scope="read")
             refused = make_flow([("X-Virtual-Key", secret)], method="POST")
-            await enforcer.requestheaders(refused)
+            await run_request_hooks(enforcer, refused)
             return refused, store.get_key(key_id)
 
     refused, key = run(scenario())
@@ -220,7 +222,7 @@ def test_wrong_destination_refused(db_path, host, port, scheme, path, host_heade
             add_service(store, base_url="http://api.example:8000/v1")
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)], scheme=scheme, host=host, port=port, path=path, host_header=host_header)
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     flow = run(scenario())
@@ -240,7 +242,7 @@ def test_destination_inside_prefix_accepted(db_path, path, host_header):
             add_service(store, base_url="http://api.example:8000/v1/")
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)], path=path, host_header=host_header)
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert run(scenario()).response is None
@@ -252,7 +254,7 @@ def test_default_port_in_base_url_matches(db_path):
             add_service(store, base_url="https://api.example")
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)], scheme="https", port=443, host_header="api.example")
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert run(scenario()).response is None
@@ -268,7 +270,7 @@ def test_read_scope_methods(db_path, method, refused):
             add_service(store)
             _, secret = add_key(store, scope="read")
             flow = make_flow([("X-Virtual-Key", secret)], method=method)
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     flow = run(scenario())
@@ -285,7 +287,7 @@ def test_rate_limit_per_minute(db_path):
             _, secret = add_key(store, rate_limit=2)
             flows = [make_flow([("X-Virtual-Key", secret)]) for _ in range(3)]
             for flow in flows:
-                await enforcer.requestheaders(flow)
+                await run_request_hooks(enforcer, flow)
             return flows
 
     # The three requests must fall in one clock minute.
@@ -304,9 +306,9 @@ def test_refusals_do_not_count_against_rate_limit(db_path):
             add_service(store)
             _, secret = add_key(store, rate_limit=1, scope="read")
             refused = make_flow([("X-Virtual-Key", secret)], method="POST")
-            await enforcer.requestheaders(refused)
+            await run_request_hooks(enforcer, refused)
             allowed = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(allowed)
+            await run_request_hooks(enforcer, allowed)
             return refused, allowed
 
     refused, allowed = run(scenario())
@@ -319,7 +321,7 @@ def test_no_key_passes_untouched(db_path):
         with enforcer_context(db_path) as (enforcer, _, _):
             flow = make_flow([("Authorization", "Bearer sk-client-own"), ("X-Virtual-Key-ID", "kept")])
             before = flow.request.headers.copy()
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow, before
 
     flow, before = run(scenario())
@@ -332,7 +334,7 @@ def test_strict_mode_requires_key(db_path):
     async def scenario():
         with enforcer_context(db_path, keys_strict=True) as (enforcer, _, _):
             flow = make_flow([])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     assert error_of(run(scenario())) == (401, "missing key")
@@ -345,7 +347,7 @@ def test_store_unavailable_fails_closed(db_path):
             _, secret = add_key(store)
             store._loop_db.execute_sql("DROP TABLE virtual_key")
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return flow
 
     flow = run(scenario())
@@ -359,7 +361,7 @@ def test_credential_redacted_after_response(db_path):
             add_service(store)
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             injected = flow.request.headers["Authorization"]
             flow.response = flow.response or http.Response.make(200)
             enforcer.responseheaders(flow)
@@ -376,7 +378,7 @@ def test_credential_redacted_at_shutdown(db_path):
             add_service(store)
             _, secret = add_key(store)
             flow = make_flow([("X-Virtual-Key", secret)])
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             enforcer.done()
             return flow
 
@@ -390,7 +392,7 @@ def test_refusal_logged_without_secret(db_path, caplog):
             add_service(store)
             key_id, secret = add_key(store, scope="read")
             flow = make_flow([("X-Virtual-Key", secret)], method="DELETE")
-            await enforcer.requestheaders(flow)
+            await run_request_hooks(enforcer, flow)
             return key_id, secret
 
     with caplog.at_level(logging.INFO):
@@ -412,17 +414,6 @@ def test_stream_large_bodies_rejected(db_path):
     run(scenario())
 
 
-def test_event_stream_response_streams(db_path):
-    async def scenario():
-        with enforcer_context(db_path) as (enforcer, _, _):
-            flow = make_flow([])
-            flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
-            enforcer.responseheaders(flow)
-            return flow
-
-    assert run(scenario()).response.stream is True
-
-
 def test_agent_label_sent_upstream(db_path):
     async def scenario():
         with enforcer_context(db_path) as (enforcer, store, _):
@@ -431,8 +422,8 @@ def test_agent_label_sent_upstream(db_path):
             _, unlabelled = add_key(store)
             first = make_flow([("X-Virtual-Key", labelled), ("x-virtual-key-agent", "forged")])
             second = make_flow([("X-Virtual-Key", unlabelled), ("X-Virtual-Key-Agent", "forged")])
-            await enforcer.requestheaders(first)
-            await enforcer.requestheaders(second)
+            await run_request_hooks(enforcer, first)
+            await run_request_hooks(enforcer, second)
             return first, second
 
     first, second = run(scenario())

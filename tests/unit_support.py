@@ -67,3 +67,10 @@ def error_of(flow: http.HTTPFlow) -> tuple[int, str] | None:
     if flow.response is None:
         return None
     return flow.response.status_code, flow.response.json()["error"]
+
+
+async def run_request_hooks(enforcer: KeyEnforcer, flow: http.HTTPFlow) -> None:
+    """Run the hooks that mitmproxy runs before a request is sent: headers, then body."""
+    await enforcer.requestheaders(flow)
+    if flow.response is None:
+        await enforcer.request(flow)
