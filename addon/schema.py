@@ -90,6 +90,10 @@ class SchemaVersion(BaseModel):
     version = peewee.IntegerField()
 
 
+# Migrations spell out their SQL instead of deriving it from the models, so that a model
+# changed by a later migration cannot change what an earlier one creates.
+
+
 def _create_core_tables(db: peewee.Database) -> None:
     db.execute_sql(
         'CREATE TABLE IF NOT EXISTS "service" ("name" VARCHAR(64) NOT NULL PRIMARY KEY, '
@@ -110,9 +114,6 @@ def _create_core_tables(db: peewee.Database) -> None:
         '"window" INTEGER NOT NULL, "count" INTEGER NOT NULL, PRIMARY KEY ("key_id", "window"))'
     )
 
-
-# Migrations spell out their SQL instead of deriving it from the models, so that a model
-# changed by a later migration cannot change what an earlier one creates.
 
 def _add_agent_label(db: peewee.Database) -> None:
     db.execute_sql('ALTER TABLE "virtual_key" ADD COLUMN "agent" VARCHAR(128)')

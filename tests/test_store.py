@@ -4,6 +4,7 @@ import asyncio
 import sqlite3
 import threading
 
+import peewee
 import pytest
 
 from addon import schema, timeutil
@@ -48,10 +49,8 @@ def test_newer_schema_refused(tmp_path):
     store = Store(path)
     store.open()
     store.close()
-    connection = sqlite3.connect(path)
     connection.execute("UPDATE schema_version SET version = 999")
     connection.commit()
-    connection.close()
     with pytest.raises(StoreUnavailable, match="newer than this mitmkeys"):
         Store(path).open()
 
@@ -192,3 +191,32 @@ def test_sqlite_path_accepted(value, expected):
 def test_sqlite_path_rejected(value, message):
     with pytest.raises(ValueError, match=message):
         sqlite_path(value)
+
+
+def test_upgrade_from_first_schema_keeps_keys(tmp_path):
+    path = str(tmp_path / "keys.db")
+    database = peewee.SqliteDatabase(path)
+    schema.MIGRATIONS[0][2](database)
+    database.execute_sql('CREATE TABLE "schema_version" ("id" INTEGER NOT NULL PRIMARY KEY, "version" INTEGER NOT NULL)')
+    database.execute_sql('INSERT INTO "schema_version" ("version") VALUES (1)')
+    database.execute_sql(
+        "INSERT INTO service VALUES ('svc', 'http://api.example', 'sk-old', 'Authorization', 1, 1)"
+    )
+    database.execute_sql(
+        "INSERT INTO virtual_key VALUES ('old-key', 'hash', 'svc', 'read', 4102444800, 5, 0, 0, 'api', 1, NULL)"
+    )
+    database.close()
+
+    store = Store(path)
+    store.open()
+    try:
+        key = store.get_key("old-key")
+        version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone()[0]
+    finally:
+        store.close()
+    assert version == schema.LATEST_VERSION
+    assert key.scope == "read"
+    assert key.rate_limit == 5
+    assert key.tokens_used == 0
+    assert key.token_budget is None
+    assert key.agent is None
