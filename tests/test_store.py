@@ -49,8 +49,10 @@ def test_newer_schema_refused(tmp_path):
     store = Store(path)
     store.open()
     store.close()
+    connection = sqlite3.connect(path)
     connection.execute("UPDATE schema_version SET version = 999")
     connection.commit()
+    connection.close()
     with pytest.raises(StoreUnavailable, match="newer than this mitmkeys"):
         Store(path).open()
 
