@@ -46,6 +46,15 @@ def strip_carriers(request: http.Request, key_header: str, also_drop: Iterable[s
     )
 
 
+def headers_already_sent(request: http.Request) -> bool:
+    """Whether a request streamed its body, so its headers left before the request hook.
+
+    A request that was not streamed has its body, possibly empty, stored by the time the
+    request hook runs; a streamed one has none.
+    """
+    return bool(request.stream) and request.raw_content is None
+
+
 def redact(request: http.Request, credential_header: str) -> None:
     """Overwrite the injected credential in the flow; the request has already been sent."""
     if credential_header in request.headers:

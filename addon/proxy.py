@@ -90,13 +90,12 @@ class KeyEnforcer:
     async def request(self, flow: http.HTTPFlow) -> None:
         found = self._admitted.pop(flow, None)
         if found is None:
-            # A streamed request has already sent its headers when this hook runs.
-            if flow.request.stream:
+            if injection.headers_already_sent(flow.request):
                 self._redact(flow)
             return
         if flow.response or flow.error or not flow.live:
             return
-        if flow.request.stream:
+        if injection.headers_already_sent(flow.request):
             log.error("request of key %s was streamed before its key was checked; refused", found.key.id)
             flow.kill()
             return
