@@ -33,7 +33,7 @@ UNAUTHORIZED = error(401, "unauthorized")
 
 
 def service_json(service: ServiceRecord) -> dict[str, Any]:
-    """A service as the API shows it: everything but the credential."""
+    """Return a service as the API shows it, with everything but the credential."""
     return {
         "name": service.name,
         "base_url": service.base_url,
@@ -94,7 +94,7 @@ Query = dict[str, list[str]]
 
 
 class ManagementApi:
-    """Answers management API requests; every method runs on a worker thread."""
+    """Handler of management API requests. Every method runs on a worker thread."""
 
     def __init__(self, store: Store, admin_token: str) -> None:
         self.store = store

@@ -28,7 +28,7 @@ STORE_UNAVAILABLE = Refusal(503, "key store unavailable")
 
 
 class Request(NamedTuple):
-    """What the checks read of a request: the request line, the destination and Host."""
+    """The parts of a request that the checks read: request line, destination and Host."""
 
     method: str
     scheme: str

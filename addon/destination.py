@@ -57,7 +57,7 @@ def _has_dot_segment(path: str) -> bool:
 
 
 def goes_to(upstream: Upstream, scheme: str, host: str, port: int, path: str) -> bool:
-    """Whether a request for scheme://host:port/path stays inside the upstream's base URL."""
+    """Return whether a request for scheme://host:port/path stays inside the upstream's base URL."""
     if scheme != upstream.scheme or port != upstream.port:
         return False
     if _normalize_host(host) != upstream.host:

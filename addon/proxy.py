@@ -1,8 +1,8 @@
 """The proxy hooks: check each request's virtual key, swap in the credential, redact it after.
 
-`requestheaders` makes every decision that reads only the request line and headers; the
-`request` hook, which mitmproxy runs once the body is in and before anything is sent, takes
-the rate-limit slot, the token reservation and the one-shot use, then injects the credential.
+`requestheaders` makes every decision that reads only the request line and headers. The
+`request` hook runs once the body is in and before anything is sent. It takes the rate-limit
+slot, the token reservation and the one-shot use, and then injects the credential.
 """
 
 import asyncio
@@ -20,14 +20,14 @@ from addon.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# flow.metadata entry recording the decision for later hooks and for saved flows. It holds
+# flow.metadata entry recording the decision for later hooks and for saved flows. It contains
 # ids, names and counts (key_id, service, credential_header, reservation_id, estimate,
 # refused), never a secret.
 DECISION = "mitmkeys"
 
 
 def refuse(flow: http.HTTPFlow, refusal: Refusal, headers: dict[str, str] | None = None) -> None:
-    """Answer the flow from the proxy with the refusal's status and JSON error."""
+    """Set the flow's response to the refusal's status and JSON error, so nothing is forwarded."""
     body = json.dumps({"error": refusal.error}).encode()
     flow.request.stream = False
     flow.response = http.Response.make(
@@ -96,7 +96,7 @@ class KeyEnforcer:
         if flow.response or flow.error or not flow.live:
             return
         if injection.headers_already_sent(flow.request):
-            log.error("request of key %s was streamed before its key was checked; refused", found.key.id)
+            log.error("killed a request of key %s: another addon streamed it before the key was checked", found.key.id)
             flow.kill()
             return
         store = self.settings.store

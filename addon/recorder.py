@@ -24,7 +24,7 @@ class UsageRecorder:
 
     A clean shutdown writes everything still queued. A hard crash (SIGKILL, power loss)
     loses the events of at most the last FLUSH_SECONDS, plus any batch the store could
-    not take; their token reservations are freed after STALE_RESERVATION_SECONDS.
+    not take. Their token reservations are freed after STALE_RESERVATION_SECONDS.
     """
 
     def __init__(self, settings: Settings) -> None:

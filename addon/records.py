@@ -61,7 +61,7 @@ class UsageRecord(NamedTuple):
 
 
 class Settlement(NamedTuple):
-    """What a finished request adds to its key's counters, and the reservation it frees."""
+    """Tokens a finished request adds to its key's counters, and the reservation it frees."""
 
     key_id: str
     tokens: int

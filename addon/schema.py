@@ -153,7 +153,7 @@ LATEST_VERSION = MIGRATIONS[-1][0]
 
 
 class SchemaError(Exception):
-    """The database holds a schema that this version of mitmkeys cannot use."""
+    """The database has a schema that this version of mitmkeys cannot use."""
 
 
 def migrate(db: peewee.Database) -> int:

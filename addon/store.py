@@ -1,10 +1,10 @@
 """The key store: the only module that talks to the database.
 
 Two kinds of callers use it. The proxy's request hook runs on mitmproxy's event loop and
-calls the `*_now` methods through `Store.run`, which first tries a pre-compiled statement
-on a connection that never waits for a lock, and only when the database is locked by
-another process moves the same statement to a worker thread that may wait. The management
-API calls the plain methods from worker threads (`Store.in_thread`).
+calls the `*_now` methods through `Store.run`. That first runs a pre-compiled statement on a
+connection that fails at once on a lock. Only when another process holds the lock does the
+statement move to a worker thread, which may wait. The management API calls the plain
+methods from worker threads (`Store.in_thread`).
 """
 
 import asyncio
@@ -93,7 +93,7 @@ class Store:
 
     def __init__(self, database: str) -> None:
         self.path = sqlite_path(database)
-        # Used only from the event loop thread: it never waits for a lock.
+        # Used only from the event loop thread. Its busy timeout is 0, so it never waits for a lock.
         self._loop_db = _Database(self.path, busy_timeout_ms=0, check_same_thread=False)
         # Used from the worker threads, one connection per thread.
         self.worker_db = _Database(self.path, busy_timeout_ms=int(LOCK_WAIT_SECONDS * 1000))
@@ -122,8 +122,8 @@ class Store:
         self._loop_db.close()
 
     def _compile_statements(self) -> None:
-        # peewee renders each statement once with placeholder values; the hot path then only
-        # binds parameters, which costs a fraction of building an ORM query per request.
+        # peewee renders each statement once with placeholder values. The hot path then only
+        # binds parameters, because building an ORM query per request costs several times more.
         find = (
             VirtualKey.select(
                 VirtualKey.id, VirtualKey.target, VirtualKey.scope, VirtualKey.expires_at,
@@ -223,8 +223,8 @@ class Store:
 
         One statement checks and inserts, so concurrent requests from any process cannot both
         take the last tokens. The check admits a request when the spent tokens, the tokens
-        held for requests in flight and this estimate fit in the budget; a budget already
-        used up refuses even a request that names no estimate.
+        held for requests in flight and this estimate fit in the budget. A budget that is
+        already used up rejects even a request that names no estimate.
         """
         cursor = db.execute_sql(_RESERVE_TOKENS_SQL, (tokens, now, key_id, tokens))
         return cursor.lastrowid if cursor.rowcount == 1 else None

@@ -77,7 +77,7 @@ def merge(earlier: Tokens | None, later: Tokens | None) -> Tokens | None:
 
 
 def total_of(tokens: Tokens | None) -> int | None:
-    """The total count, summed from prompt and completion when the upstream sent no total."""
+    """Return the total count, summed from prompt and completion when the upstream sent no total."""
     if tokens is None:
         return None
     if tokens.total is not None:
@@ -136,7 +136,7 @@ class _Decoder:
 class StreamMeter:
     """Passes a server-sent event stream through unchanged while reading usage from it.
 
-    mitmproxy calls it with each chunk as it arrives and with b"" at the end; it returns
+    mitmproxy calls it with each chunk as it arrives and with b"" at the end. It returns
     every chunk as it came, so the client receives each event without delay.
     """
 
