@@ -339,16 +339,23 @@ class Store:
 
     def record_usage(self, events: list[UsageRecord], settlements: list[Settlement]) -> None:
         """Store a batch of usage events and settle finished requests, all in one transaction."""
+        # Counters are summed per key first: one UPDATE per key and batch, not per request.
+        per_key: dict[str, tuple[int, int]] = {}
+        for settlement in settlements:
+            requests, tokens = per_key.get(settlement.key_id, (0, 0))
+            per_key[settlement.key_id] = (requests + 1, tokens + settlement.tokens)
+        reservations = [s.reservation_id for s in settlements if s.reservation_id is not None]
+
         with self.worker_db.atomic():
             for start in range(0, len(events), 200):
                 UsageEvent.insert_many([event._asdict() for event in events[start:start + 200]]).execute()
-            for settlement in settlements:
+            for key_id, (requests, tokens) in per_key.items():
                 VirtualKey.update(
-                    requests=VirtualKey.requests + 1,
-                    tokens_used=VirtualKey.tokens_used + settlement.tokens,
-                ).where(VirtualKey.id == settlement.key_id).execute()
-                if settlement.reservation_id is not None:
-                    TokenReservation.delete().where(TokenReservation.id == settlement.reservation_id).execute()
+                    requests=VirtualKey.requests + requests,
+                    tokens_used=VirtualKey.tokens_used + tokens,
+                ).where(VirtualKey.id == key_id).execute()
+            for start in range(0, len(reservations), 500):
+                TokenReservation.delete().where(TokenReservation.id.in_(reservations[start:start + 500])).execute()
 
     def usage_page(self, key_id: str, start: float | None, end: float | None, page: int, per_page: int) -> UsagePage:
         """Return one page of a key's events, newest first, with counts over the whole range."""
