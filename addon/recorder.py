@@ -52,7 +52,8 @@ class UsageRecorder:
         if settlement is not None:
             self._settlements.append(settlement)
 
-    async def running(self) -> None:
+    # Synchronous on purpose: after a script reload mitmproxy calls `running` from a sync context.
+    def running(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flush_forever()), loop.create_task(self._prune_forever())]
 

@@ -22,6 +22,9 @@ from addon.records import KeyLookup, KeyRecord, ServiceRecord, Settlement, Usage
 from addon.schema import RateWindow, Service, TokenReservation, UsageEvent, VirtualKey
 
 log = logging.getLogger(__name__)
+# peewee logs every statement with its parameters at DEBUG, credentials included; mitmproxy's
+# termlog_verbosity=debug would print them.
+logging.getLogger("peewee").setLevel(logging.INFO)
 
 T = TypeVar("T")
 
