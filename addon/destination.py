@@ -17,22 +17,25 @@ class Upstream(NamedTuple):
 
 
 def parse_base_url(base_url: str) -> Upstream:
-    """Split an absolute http(s) URL with a host; raises ValueError saying what is wrong."""
+    """Split an absolute http(s) URL with a host; raises ValueError saying what is wrong.
+
+    The messages do not repeat the URL, because a rejected URL may carry a password.
+    """
     try:
         parts = urlsplit(base_url)
         port = parts.port
     except ValueError as error:
-        raise ValueError(f"{base_url!r} is not a valid URL: {error}") from None
+        raise ValueError(f"not a valid URL ({error})") from None
     if parts.scheme not in DEFAULT_PORTS:
-        raise ValueError(f"{base_url!r} must start with http:// or https://")
+        raise ValueError("must start with http:// or https://")
     if not parts.hostname:
-        raise ValueError(f"{base_url!r} has no host")
+        raise ValueError("has no host")
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{base_url!r} must not contain user information; use credential")
+        raise ValueError("must not contain user information; put the secret in credential")
     if parts.query or parts.fragment:
-        raise ValueError(f"{base_url!r} must not have a query or fragment")
+        raise ValueError("must not have a query or fragment")
     if _has_dot_segment(parts.path):
-        raise ValueError(f"{base_url!r} must not contain '.' or '..' path segments")
+        raise ValueError("must not contain '.' or '..' path segments")
     return Upstream(
         scheme=parts.scheme,
         host=_normalize_host(parts.hostname),

@@ -92,7 +92,11 @@ class _Database(peewee.SqliteDatabase):
 
 
 class Store:
-    """Services and virtual keys in one SQLite database (WAL mode)."""
+    """Services and virtual keys in one SQLite database (WAL mode).
+
+    NOTE: the peewee models are bound to the store opened last, so one process uses one
+    open store at a time; the addon and the admin CLI do.
+    """
 
     def __init__(self, database: str) -> None:
         self.path = sqlite_path(database)
@@ -123,6 +127,8 @@ class Store:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._loop_db.close()
+        # The calling thread may have used the worker database directly (the final usage write).
+        self.worker_db.close()
 
     def _compile_statements(self) -> None:
         # peewee renders each statement once with placeholder values. The hot path then only
@@ -188,6 +194,9 @@ class Store:
             # IntegrityError is a DatabaseError too, but callers turn it into Conflict
             # before it gets here.
             raise StoreUnavailable(str(error)) from error
+        finally:
+            # Worker threads outlive the store, so none may keep a connection open.
+            self.worker_db.close()
 
     # -- hot path: called through run() --------------------------------------
 

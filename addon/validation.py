@@ -192,7 +192,9 @@ def parse_token_budget(data: dict[str, Any]) -> int | None:
 
 
 def parse_scope(data: dict[str, Any]) -> str:
-    scope = _string(data, "scope", required=False) or "write"
+    scope = _string(data, "scope", required=False)
+    if scope is None:
+        return "write"
     if scope not in SCOPES:
         raise BadInput("scope must be 'read' or 'write'")
     return scope

@@ -150,3 +150,15 @@ def test_new_service_rejects(body, field):
 def test_parse_json_object_rejects(body, message):
     with pytest.raises(BadInput, match=message):
         validation.parse_json_object(body)
+
+
+def test_empty_scope_rejected():
+    with pytest.raises(BadInput, match="scope"):
+        validation.parse_new_key({"target": "svc", "scope": ""}, now=timeutil.now())
+
+
+def test_base_url_error_hides_password():
+    with pytest.raises(BadInput) as raised:
+        validation.parse_new_service({"name": "s", "base_url": "https://user:hunter2@api.example", "credential": "c"})
+    assert "hunter2" not in str(raised.value)
+    assert "user information" in str(raised.value)
