@@ -1,14 +1,16 @@
 """Serves the management API on a loopback listener and routes proxied calls for keys_api_host to it."""
 
 import asyncio
+import functools
 import logging
+from collections.abc import Mapping
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 from mitmproxy import http, tls
 
-from addon import api, validation
+from addon import api, injection, mcp, validation
 from addon.settings import API_FLOW, Settings
 from addon.store import StoreUnavailable
 
@@ -42,7 +44,7 @@ class _Handler(tornado.web.RequestHandler):
     async def _serve(self) -> None:
         reply = await self.listener.answer(
             self.request.method, self.request.uri, self.request.headers.get("Authorization"),
-            bytes(self.body), self.too_large,
+            bytes(self.body), self.too_large, self.request.headers,
         )
         self.set_status(reply.status)
         for name, value in reply.headers.items():
@@ -70,18 +72,28 @@ class ApiListener:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._server: tornado.httpserver.HTTPServer | None = None
+        self._closing: set[asyncio.Task] = set()
         self.port: int | None = None
 
-    async def answer(self, method: str, uri: str, authorization: str | None, body: bytes, too_large: bool) -> api.Reply:
+    async def answer(
+        self, method: str, uri: str, authorization: str | None, body: bytes, too_large: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> api.Reply:
         config = self.settings.config
         store = self.settings.store
         if config is None or store is None:
             return api.error(503, "key store unavailable")
-        if too_large and api.bearer_token_matches(authorization, config.admin_token):
+        if uri.split("?", 1)[0] == mcp.ENDPOINT_PATH:
+            # The MCP endpoint also takes keys_mcp_token; the REST routes take the admin token only.
+            accepted_tokens = (config.admin_token, config.mcp_token)
+            handle = functools.partial(mcp.McpServer(store, config).handle, method, authorization, dict(headers or {}))
+        else:
+            accepted_tokens = (config.admin_token,)
+            handle = functools.partial(api.ManagementApi(store, config.admin_token).handle, method, uri, authorization)
+        if too_large and any(api.bearer_token_matches(authorization, token) for token in accepted_tokens):
             return api.error(413, "request body is larger than 1 MiB")
-        handler = api.ManagementApi(store, config.admin_token)
         try:
-            return await store.in_thread(handler.handle, method, uri, authorization, b"" if too_large else body)
+            return await store.in_thread(handle, b"" if too_large else body)
         except StoreUnavailable as problem:
             log.error("key store unavailable during %s %s: %s", method, uri.split("?", 1)[0], problem)
             return api.error(503, "key store unavailable")
@@ -91,18 +103,16 @@ class ApiListener:
 
     # -- listener lifecycle ------------------------------------------------------
 
-    async def running(self) -> None:
-        await self._start()
+    # Synchronous on purpose: after a script reload mitmproxy calls `running` from a sync context.
+    def running(self) -> None:
+        self._start()
 
     def configure(self, updated: set[str]) -> None:
         if "keys_api_port" in updated and self._server is not None:
-            asyncio.get_running_loop().create_task(self._restart())
+            self._stop()
+            self._start()
 
-    async def _restart(self) -> None:
-        self._stop()
-        await self._start()
-
-    async def _start(self) -> None:
+    def _start(self) -> None:
         config = self.settings.config
         assert config is not None
         app = tornado.web.Application(
@@ -125,10 +135,21 @@ class ApiListener:
             log.info("mitmkeys management API: http://%s/ through the proxy only", config.api_host)
 
     def _stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-            self.port = None
+        if self._server is None:
+            return
+        server = self._server
+        server.stop()
+        self._server = None
+        self.port = None
+        # stop() only closes the listening socket. Open keep-alive connections would go on
+        # reaching this listener, whose store is closed after a script reload.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(server.close_all_connections())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def done(self) -> None:
         self._stop()
@@ -164,7 +185,7 @@ class ApiListener:
         request.stream = True
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(API_FLOW) and flow.request.stream:
+        if flow.metadata.get(API_FLOW) and injection.headers_already_sent(flow.request):
             self._forget_token(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

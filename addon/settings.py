@@ -6,12 +6,13 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, exceptions
 
-from addon import keyformat
+from addon import keyformat, validation
 from addon.store import Store, StoreUnavailable, sqlite_path
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "KEYS_ADMIN_TOKEN"
+MCP_TOKEN_ENV = "KEYS_MCP_TOKEN"
 # flow.metadata entry that marks a flow as a management API call, set before other hooks run.
 API_FLOW = "mitmkeys_api"
 
@@ -23,6 +24,8 @@ class Config(NamedTuple):
     api_host: str
     api_port: int
     strict: bool
+    mcp_token: str = ""
+    mcp_max_ttl: int = 3600
 
 
 def _header_name(value: str, option: str) -> str:
@@ -68,6 +71,17 @@ class Settings:
             "Reject every proxied request without a virtual key (401 missing key), which makes "
             "the proxy an egress allow-list. The management API host is always served.",
         )
+        loader.add_option(
+            "keys_mcp_token", str, "",
+            f"Bearer token that reaches only the MCP endpoint (/mcp) of the management API, for "
+            f"agents that request their own keys. Default: the {MCP_TOKEN_ENV} environment "
+            "variable. The admin token works at /mcp too.",
+        )
+        loader.add_option(
+            "keys_mcp_max_ttl", int, 3600,
+            "Maximum lifetime in seconds of a key requested over MCP; longer requests are "
+            "lowered to it.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
@@ -76,7 +90,10 @@ class Settings:
                 "to the upstream before the key is checked could not be refused. Unset it; "
                 "mitmkeys streams text/event-stream responses by itself."
             )
-        if not updated & {"keys_db", "keys_admin_token", "keys_header", "keys_api_host", "keys_api_port", "keys_strict"}:
+        if not updated & {
+            "keys_db", "keys_admin_token", "keys_header", "keys_api_host", "keys_api_port", "keys_strict",
+            "keys_mcp_token", "keys_mcp_max_ttl",
+        }:
             return
 
         options = ctx.options
@@ -91,6 +108,11 @@ class Settings:
         api_host = options.keys_api_host.strip().lower()
         if not api_host or not keyformat.NAME_RE.fullmatch(api_host):
             raise exceptions.OptionsError(f"Cannot parse keys_api_host={options.keys_api_host!r}: not a host name")
+        if not 0 < options.keys_mcp_max_ttl <= validation.MAX_TTL_SECONDS:
+            raise exceptions.OptionsError(
+                f"Cannot parse keys_mcp_max_ttl={options.keys_mcp_max_ttl}: not a positive number of "
+                f"seconds up to {validation.MAX_TTL_SECONDS}"
+            )
         config = Config(
             database=options.keys_db,
             admin_token=options.keys_admin_token or os.environ.get(ADMIN_TOKEN_ENV, ""),
@@ -98,14 +120,16 @@ class Settings:
             api_host=api_host,
             api_port=options.keys_api_port,
             strict=options.keys_strict,
+            mcp_token=options.keys_mcp_token or os.environ.get(MCP_TOKEN_ENV, ""),
+            mcp_max_ttl=options.keys_mcp_max_ttl,
         )
 
         if self.store is None or self.config is None or self.config.database != config.database:
             self._open_store(config.database)
         if not config.admin_token:
             log.warning(
-                "keys_admin_token and %s are unset: the management API rejects every call",
-                ADMIN_TOKEN_ENV,
+                "keys_admin_token and %s are unset: the management API rejects every call%s",
+                ADMIN_TOKEN_ENV, " except MCP calls with keys_mcp_token" if config.mcp_token else "",
             )
         self.config = config
 
