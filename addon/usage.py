@@ -5,7 +5,26 @@ import zlib
 from typing import Any, NamedTuple
 
 import brotli
-import zstandard
+
+# mitmproxy 11 depends on zstandard; mitmproxy 12.3 replaced it with the standard library's
+# compression.zstd (Python 3.14) or its backports.zstd. Each exposes an incremental decoder.
+try:
+    from compression import zstd as _stdlib_zstd
+except ImportError:
+    try:
+        from backports import zstd as _stdlib_zstd
+    except ImportError:
+        _stdlib_zstd = None
+try:
+    import zstandard
+except ImportError:
+    zstandard = None
+
+_DECODE_ERRORS: tuple[type[Exception], ...] = (zlib.error, brotli.error) + tuple(
+    error for error in (
+        getattr(_stdlib_zstd, "ZstdError", None), getattr(zstandard, "ZstdError", None),
+    ) if error is not None
+)
 
 # A request body is read for its max_tokens only up to this size; larger bodies count as
 # naming no estimate.
@@ -124,7 +143,9 @@ class _Decoder:
             self._decompress = zlib.decompressobj().decompress
         elif encoding == "br":
             self._decompress = brotli.Decompressor().process
-        elif encoding == "zstd":
+        elif encoding == "zstd" and _stdlib_zstd is not None:
+            self._decompress = _stdlib_zstd.ZstdDecompressor().decompress
+        elif encoding == "zstd" and zstandard is not None:
             self._decompress = zstandard.ZstdDecompressor().decompressobj().decompress
         else:
             raise ValueError(f"unsupported content encoding {encoding!r}")
@@ -164,7 +185,7 @@ class StreamMeter:
             return
         try:
             self._buffer += self._decoder(chunk)
-        except (zlib.error, brotli.error, zstandard.ZstdError):
+        except _DECODE_ERRORS:
             # A stream we cannot decode is passed on but stays unmetered.
             self._decoder = None
             self._buffer = b""
