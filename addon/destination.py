@@ -1,5 +1,6 @@
 """Service base URLs and the rule that decides whether a request goes to a key's service."""
 
+import functools
 import ipaddress
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -44,6 +45,7 @@ def parse_base_url(base_url: str) -> Upstream:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalize_host(host: str) -> str:
     host = host.strip("[]").rstrip(".").lower()
     try:
