@@ -8,6 +8,7 @@ import peewee
 import pytest
 
 from addon import schema, timeutil
+from addon.records import UsageRecord
 from addon.store import Conflict, NotFound, Store, StoreUnavailable, sqlite_path
 
 
@@ -222,3 +223,37 @@ def test_upgrade_from_first_schema_keeps_keys(tmp_path):
     assert key.tokens_used == 0
     assert key.token_budget is None
     assert key.agent is None
+
+
+def usage_record(key_id: str, created_at: float) -> UsageRecord:
+    return UsageRecord(
+        key_id=key_id, service="svc", method="GET", path="/", status=200, latency_ms=1.0,
+        request_bytes=0, response_bytes=2, prompt_tokens=None, completion_tokens=None,
+        total_tokens=None, metered=False, refused=None, created_at=created_at,
+    )
+
+
+def test_prune_usage_keeps_recent_events(store):
+    key, _ = new_key(store)
+    now = timeutil.now()
+    old = [usage_record(key.id, now - 40 * 86400) for _ in range(7)]
+    recent = [usage_record(key.id, now - 60) for _ in range(3)]
+    store.record_usage(old + recent, [])
+
+    deleted = store.prune_usage(now - 30 * 86400, batch=2)
+
+    assert deleted == 7
+    assert store.usage_page(key.id, None, None, 1, 50).total == 3
+
+
+def test_prune_reservations_frees_stale_ones(store):
+    key, _ = new_key(store, token_budget=100)
+    now = timeutil.now()
+    stale = asyncio.run(store.run(lambda db: store.reserve_tokens_now(db, key.id, 60, now - 7200)))
+    assert stale is not None
+    refused = asyncio.run(store.run(lambda db: store.reserve_tokens_now(db, key.id, 60, now)))
+    assert refused is None
+
+    assert store.prune_reservations(now - 3600) == 1
+    admitted = asyncio.run(store.run(lambda db: store.reserve_tokens_now(db, key.id, 60, now)))
+    assert admitted is not None
