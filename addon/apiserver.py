@@ -203,8 +203,22 @@ class ApiListener:
             flow.request.headers["Authorization"] = "[redacted by mitmkeys]"
 
     def _is_api_host(self, flow: http.HTTPFlow) -> bool:
+        """Return whether a proxied request is a management API call.
+
+        Calls to the loopback listener itself count too: a client whose proxy settings also
+        cover 127.0.0.1 reaches the API port through the proxy, and its flow must be kept as
+        bare as a call to keys_api_host.
+        """
         config = self.settings.config
-        return config is not None and flow.request.host.lower().rstrip(".") == config.api_host
+        if config is None:
+            return False
+        host = flow.request.host.lower().rstrip(".")
+        if host == config.api_host:
+            return True
+        return self.port is not None and flow.request.port == self.port and host in _LOOPBACK_NAMES
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
