@@ -429,3 +429,23 @@ def test_agent_label_sent_upstream(db_path):
     first, second = run(scenario())
     assert first.request.headers.get_all("X-Virtual-Key-Agent") == ["planner-bot"]
     assert "X-Virtual-Key-Agent" not in second.request.headers
+
+
+@pytest.mark.parametrize("authority, refused", [("api.example:8000", False), ("other.example:8000", True)])
+def test_http2_authority_must_agree(db_path, authority, refused):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store)
+            flow = make_flow([("X-Virtual-Key", secret)], host_header=None)
+            flow.request.http_version = "HTTP/2.0"
+            flow.request.authority = authority
+            await run_request_hooks(enforcer, flow)
+            return flow
+
+    flow = run(scenario())
+    assert flow.request.host_header == authority
+    if refused:
+        assert error_of(flow) == (403, "key not valid for this host")
+    else:
+        assert flow.response is None
