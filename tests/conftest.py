@@ -33,10 +33,16 @@ def tls_upstream(tmp_path: pathlib.Path) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mitmdump]:
-    """One mitmdump with default mitmkeys options, shared by the tests of a module."""
+def proxy_extra_args() -> tuple[str, ...]:
+    """Extra mitmdump arguments of the module's `proxy`, which a test module overrides to set options."""
+    return ()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, proxy_extra_args: tuple[str, ...]) -> Iterator[Mitmdump]:
+    """One mitmdump with default mitmkeys options plus `proxy_extra_args`, shared by the tests of a module."""
     directory = tmp_path_factory.mktemp("mitmdump")
-    process = Mitmdump(directory, directory / "keys.db").start()
+    process = Mitmdump(directory, directory / "keys.db", proxy_extra_args).start()
     yield process
     process.stop()
 

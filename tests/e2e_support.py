@@ -289,9 +289,14 @@ class Mitmdump:
         """mitmproxy's CA certificate, which clients trust for HTTPS through the proxy."""
         return self.confdir / "mitmproxy-ca-cert.pem"
 
+    @property
+    def api_url(self) -> str:
+        """Base URL of the management API on its direct loopback port."""
+        return f"http://{LOOPBACK}:{self.api_port}"
+
     def api(self) -> "Api":
         """Return a client of this process's management API on its direct loopback port."""
-        return Api(f"http://{LOOPBACK}:{self.api_port}")
+        return Api(self.api_url)
 
     def start(self) -> "Mitmdump":
         # A port picked by free_port() can be taken before mitmdump binds it, so retry once.
@@ -402,13 +407,15 @@ class Api:
 
     def call(
         self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
-        token: str | None = ADMIN_TOKEN, timeout: float = 10.0,
+        token: str | None = ADMIN_TOKEN, headers: dict[str, str] | None = None, timeout: float = 10.0,
     ) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        """Send one request. Fields in `headers` are added last, so they replace Authorization and Content-Type."""
+        request_headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            request_headers["Content-Type"] = "application/json"
+        request_headers.update(headers or {})
         return self.session.request(
-            method, self.base_url + path, json=json_body, data=data, headers=headers, timeout=timeout,
+            method, self.base_url + path, json=json_body, data=data, headers=request_headers, timeout=timeout,
         )
 
     def create_service(
@@ -549,3 +556,8 @@ def rfc3339_utc(epoch: float, *, with_offset: bool = True) -> str:
     moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).replace(microsecond=0)
     text = moment.replace(tzinfo=None).isoformat()
     return text + "Z" if with_offset else text
+
+
+def parse_rfc3339(text: str) -> float:
+    """Return the epoch seconds of an RFC 3339 time such as the API's expires_at, "Z" suffix included."""
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

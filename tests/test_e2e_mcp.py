@@ -1,24 +1,16 @@
 """End to end: the official MCP Python SDK requests keys from a real mitmdump and uses them through it.
 
-Everything binds to and connects to 127.0.0.1 only. The fixtures here are self-contained: one
-mitmdump with its own database, a loopback upstream that records the headers it receives, and
-the MCP endpoint reached both on the loopback API port and through the proxy at keys.mitm.
+Everything binds to and connects to 127.0.0.1 only. The module's shared `proxy` runs with the MCP
+endpoint enabled, and the tests reach that endpoint both on the loopback API port and through the
+proxy at keys.mitm.
 """
 
 import asyncio
-import datetime
-import http.server
 import json
-import os
 import pathlib
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -29,182 +21,25 @@ from mcp.client.streamable_http import streamablehttp_client
 from mcp.shared.exceptions import McpError
 from mcp.types import LATEST_PROTOCOL_VERSION
 
-REPOSITORY_ROOT = pathlib.Path(__file__).resolve().parent.parent
-ADDON_SCRIPT = REPOSITORY_ROOT / "addon" / "keys.py"
-MITMDUMP = pathlib.Path(sys.executable).with_name("mitmdump")
-LOOPBACK = "127.0.0.1"
-ADMIN_TOKEN = "admin-" + secrets.token_urlsafe(24)
+from tests.e2e_support import ADMIN_TOKEN, Api, Mitmdump, Upstream, parse_rfc3339, proxy_session
+
 MCP_TOKEN = "mcp-" + secrets.token_urlsafe(24)
 MAX_TTL_SECONDS = 600
-STARTUP_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 20.0
 # streamablehttp_client is the SDK's older client entry point, which recent 1.x releases (1.30 among
 # them) mark as deprecated in favour of streamable_http_client.
 pytestmark = pytest.mark.filterwarnings("ignore:Use `streamable_http_client` instead:DeprecationWarning")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
-def client_environment() -> dict[str, str]:
-    """Return this process's environment without proxy settings, with no host exempt from a proxy."""
-    environment = dict(os.environ)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        environment.pop(name, None)
-    environment["NO_PROXY"] = ""
-    environment["no_proxy"] = ""
-    return environment
-
-
-# -- upstream -------------------------------------------------------------------------------
-
-
-class _RecordingHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self) -> None:
-        self.server.received.append((self.command, self.path, dict(self.headers.items())))
-        body = json.dumps({"path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = _answer
-
-
-class Upstream:
-    """A plain-HTTP server on 127.0.0.1 that records method, path and headers of each request."""
-
-    def __init__(self) -> None:
-        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _RecordingHandler)
-        self.server.daemon_threads = True
-        self.server.received = []
-        self.base_url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def requests_for(self, path: str) -> list[tuple[str, str, dict[str, str]]]:
-        return [request for request in self.server.received if request[1] == path]
+def mcp_options(max_ttl: int = MAX_TTL_SECONDS) -> tuple[str, ...]:
+    """Return mitmdump arguments that enable the MCP endpoint for MCP_TOKEN, capping TTLs at `max_ttl` seconds."""
+    return ("--set", f"keys_mcp_token={MCP_TOKEN}", "--set", f"keys_mcp_max_ttl={max_ttl}")
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    server.thread.start()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
-
-# -- mitmdump -------------------------------------------------------------------------------
-
-
-class Mitmdump:
-    """A mitmdump process with the mitmkeys addon, its proxy and API on free loopback ports."""
-
-    def __init__(self, directory: pathlib.Path, *extra_args: str, max_ttl: int = MAX_TTL_SECONDS) -> None:
-        self.directory = directory
-        self.proxy_port = free_port()
-        self.api_port = free_port()
-        self.log_path = directory / "mitmdump.log"
-        self.proxy_url = f"http://{LOOPBACK}:{self.proxy_port}"
-        self.api_url = f"http://{LOOPBACK}:{self.api_port}"
-        self.command = [
-            str(MITMDUMP), "-s", str(ADDON_SCRIPT),
-            "--listen-host", LOOPBACK, "-p", str(self.proxy_port),
-            "--set", f"confdir={directory / 'confdir'}",
-            "--set", f"keys_db={directory / 'keys.db'}",
-            "--set", f"keys_api_port={self.api_port}",
-            "--set", f"keys_mcp_token={MCP_TOKEN}",
-            "--set", f"keys_mcp_max_ttl={max_ttl}",
-            *extra_args,
-        ]
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "Mitmdump":
-        environment = client_environment()
-        environment["KEYS_ADMIN_TOKEN"] = ADMIN_TOKEN
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                self.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=environment, cwd=self.directory,
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.log_text()}")
-            if self._api_ready() and self._proxy_accepts():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mitmdump did not start in {STARTUP_TIMEOUT_SECONDS} s:\n{self.log_text()}")
-
-    def _api_ready(self) -> bool:
-        try:
-            return admin_call(self.api_url, "GET", "/v1/services").status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    def _proxy_accepts(self) -> bool:
-        try:
-            with socket.create_connection((LOOPBACK, self.proxy_port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Stop mitmdump as Ctrl-C does, and kill it when it does not exit in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def proxy_session(self) -> requests.Session:
-        """Return a session that sends every URL, loopback included, through this proxy."""
-        session = requests.Session()
-        session.trust_env = False
-        session.proxies = {"http": self.proxy_url, "https": self.proxy_url}
-        return session
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mitmdump]:
-    process = Mitmdump(tmp_path_factory.mktemp("mitmdump-mcp")).start()
-    yield process
-    process.stop()
-
-
-def admin_call(base_url: str, method: str, path: str, *, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> requests.Response:
-    """Call the management API directly, with no proxy, as the admin unless another token is given."""
-    headers = kwargs.pop("headers", {})
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    with requests.Session() as session:
-        session.trust_env = False
-        return session.request(method, base_url + path, headers=headers, timeout=CALL_TIMEOUT_SECONDS, **kwargs)
-
-
-def create_service(proxy: Mitmdump, upstream: Upstream) -> tuple[str, str]:
-    """Create a service for the upstream with a fresh name and credential, and return both."""
-    name = f"svc-{secrets.token_hex(4)}"
-    credential = f"cred-{secrets.token_urlsafe(24)}"
-    response = admin_call(proxy.api_url, "POST", "/v1/services", json={"name": name, "base_url": upstream.base_url, "credential": credential})
-    assert response.status_code == 201, response.text
-    return name, credential
+def proxy_extra_args() -> tuple[str, ...]:
+    """Extra mitmdump arguments that enable the MCP endpoint on this module's shared `proxy`."""
+    return mcp_options()
 
 
 # -- the SDK client -------------------------------------------------------------------------
@@ -243,14 +78,11 @@ def run_session(url: str, via_proxy: str | None, steps, token: str = MCP_TOKEN):
     return asyncio.run(with_session(url, via_proxy, token, steps))
 
 
-def parse_utc(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
 @pytest.mark.parametrize("endpoint", ["loopback", "through-proxy"])
-def test_sdk_one_shot_key_through_proxy(proxy: Mitmdump, upstream: Upstream, endpoint: str) -> None:
+def test_sdk_one_shot_key_through_proxy(proxy: Mitmdump, api: Api, upstream: Upstream, endpoint: str) -> None:
     url, via_proxy = mcp_urls(proxy)[endpoint]
-    service_name, credential = create_service(proxy, upstream)
+    service = api.create_service(upstream.base_url)
+    service_name, credential = service.name, service.credential
     agent = f"agent-{endpoint}"
 
     async def steps(session: ClientSession, initialized):
@@ -273,19 +105,20 @@ def test_sdk_one_shot_key_through_proxy(proxy: Mitmdump, upstream: Upstream, end
     assert json.loads(issued.content[0].text) == key
 
     path = f"/one-shot-{endpoint}"
-    with proxy.proxy_session() as session:
+    with proxy_session(proxy) as session:
         first = session.get(upstream.base_url + path, headers={"X-Virtual-Key": key["virtual_key"]}, timeout=CALL_TIMEOUT_SECONDS)
         second = session.get(upstream.base_url + path, headers={"X-Virtual-Key": key["virtual_key"]}, timeout=CALL_TIMEOUT_SECONDS)
 
     assert first.status_code == 200
     assert second.status_code == 401
     assert second.json() == {"error": "key already used"}
-    ((_, _, received),) = upstream.requests_for(path)
-    assert received["Authorization"] == f"Bearer {credential}"
-    assert received["X-Virtual-Key-Agent"] == agent
-    assert received["X-Virtual-Key-ID"] == key["id"]
+    (received,) = upstream.received(path)
+    assert received.path == path
+    assert received.header_values("Authorization") == [f"Bearer {credential}"]
+    assert received.header_values("X-Virtual-Key-Agent") == [agent]
+    assert received.header_values("X-Virtual-Key-ID") == [key["id"]]
 
-    listed = admin_call(proxy.api_url, "GET", "/v1/keys")
+    listed = api.call("GET", "/v1/keys")
     assert listed.status_code == 200
     (record,) = [item for item in listed.json() if item["id"] == key["id"]]
     assert record["source"] == "mcp"
@@ -319,9 +152,9 @@ def test_sdk_new_client_entry_point(proxy: Mitmdump) -> None:
     assert {tool.name for tool in tools.tools} == {"list_services", "request_key"}
 
 
-def test_sdk_ttl_above_cap_lowered(proxy: Mitmdump, upstream: Upstream) -> None:
+def test_sdk_ttl_above_cap_lowered(proxy: Mitmdump, api: Api, upstream: Upstream) -> None:
     url, via_proxy = mcp_urls(proxy)["loopback"]
-    service_name, _ = create_service(proxy, upstream)
+    service_name = api.create_service(upstream.base_url).name
 
     async def steps(session: ClientSession, initialized):
         return await session.call_tool("request_key", {"service_name": service_name, "ttl_seconds": 86400})
@@ -332,9 +165,9 @@ def test_sdk_ttl_above_cap_lowered(proxy: Mitmdump, upstream: Upstream) -> None:
 
     assert issued.isError is False
     assert key["ttl_seconds"] == MAX_TTL_SECONDS
-    assert before + MAX_TTL_SECONDS - 1 <= parse_utc(key["expires_at"]) <= time.time() + MAX_TTL_SECONDS + 1
+    assert before + MAX_TTL_SECONDS - 1 <= parse_rfc3339(key["expires_at"]) <= time.time() + MAX_TTL_SECONDS + 1
     assert any(f"maximum of {MAX_TTL_SECONDS}" in block.text for block in issued.content)
-    record = admin_call(proxy.api_url, "GET", f"/v1/keys/{key['id']}").json()
+    record = api.get_key(key["id"])
     assert record["expires_at"] == key["expires_at"]
 
 
@@ -362,15 +195,14 @@ def test_sdk_tool_errors(proxy: Mitmdump) -> None:
 # -- HTTP level: tokens, methods, malformed JSON-RPC -------------------------------------------
 
 
-def endpoint_call(proxy: Mitmdump, endpoint: str, method: str, path: str, *, token: str | None, **kwargs: Any) -> requests.Response:
-    """Call the management API on the loopback port, or through the proxy at keys.mitm."""
+def endpoint_call(proxy: Mitmdump, endpoint: str, method: str, path: str, *, token: str | None, **fields: Any) -> requests.Response:
+    """Call the management API on the loopback port or through the proxy at keys.mitm, passing `fields` to Api.call."""
     if endpoint == "loopback":
-        return admin_call(proxy.api_url, method, path, token=token, **kwargs)
-    headers = kwargs.pop("headers", {})
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    with proxy.proxy_session() as session:
-        return session.request(method, "http://keys.mitm" + path, headers=headers, timeout=CALL_TIMEOUT_SECONDS, **kwargs)
+        api = proxy.api()
+    else:
+        api = Api("http://keys.mitm", proxy_session(proxy))
+    with api.session:
+        return api.call(method, path, token=token, timeout=CALL_TIMEOUT_SECONDS, **fields)
 
 
 ENDPOINTS = ["loopback", "through-proxy"]
@@ -380,7 +212,7 @@ PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/keys"), ("GET", "/v1/services"), ("POST", "/v1/keys")])
 def test_mcp_token_rejected_by_rest(proxy: Mitmdump, endpoint: str, method: str, path: str) -> None:
-    response = endpoint_call(proxy, endpoint, method, path, token=MCP_TOKEN, json={"target": "anything"})
+    response = endpoint_call(proxy, endpoint, method, path, token=MCP_TOKEN, json_body={"target": "anything"})
 
     assert response.status_code == 401
     assert response.json() == {"error": "unauthorized"}
@@ -389,7 +221,7 @@ def test_mcp_token_rejected_by_rest(proxy: Mitmdump, endpoint: str, method: str,
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_mcp_missing_or_wrong_token(proxy: Mitmdump, endpoint: str, token: str | None) -> None:
-    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=token, json=PING)
+    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=token, json_body=PING)
 
     assert response.status_code == 401
     assert response.json() == {"error": "unauthorized"}
@@ -398,7 +230,7 @@ def test_mcp_missing_or_wrong_token(proxy: Mitmdump, endpoint: str, token: str |
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("token", [MCP_TOKEN, ADMIN_TOKEN])
 def test_mcp_accepts_both_tokens(proxy: Mitmdump, endpoint: str, token: str) -> None:
-    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=token, json=PING)
+    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=token, json_body=PING)
 
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
@@ -407,10 +239,7 @@ def test_mcp_accepts_both_tokens(proxy: Mitmdump, endpoint: str, token: str) -> 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_mcp_parse_error(proxy: Mitmdump, endpoint: str) -> None:
-    response = endpoint_call(
-        proxy, endpoint, "POST", "/mcp", token=MCP_TOKEN, data=b'{"jsonrpc": "2.0", "id": 1,',
-        headers={"Content-Type": "application/json"},
-    )
+    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=MCP_TOKEN, data=b'{"jsonrpc": "2.0", "id": 1,')
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == -32700
@@ -419,14 +248,14 @@ def test_mcp_parse_error(proxy: Mitmdump, endpoint: str) -> None:
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_mcp_invalid_request(proxy: Mitmdump, endpoint: str) -> None:
-    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=MCP_TOKEN, json={"id": 3, "method": "ping"})
+    response = endpoint_call(proxy, endpoint, "POST", "/mcp", token=MCP_TOKEN, json_body={"id": 3, "method": "ping"})
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == -32600
 
 
 def test_mcp_unknown_method(proxy: Mitmdump) -> None:
-    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json={"jsonrpc": "2.0", "id": 9, "method": "prompts/list"})
+    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json_body={"jsonrpc": "2.0", "id": 9, "method": "prompts/list"})
 
     assert response.status_code == 200
     assert response.json()["id"] == 9
@@ -434,7 +263,7 @@ def test_mcp_unknown_method(proxy: Mitmdump) -> None:
 
 
 def test_mcp_notification_202(proxy: Mitmdump) -> None:
-    response = endpoint_call(proxy, "through-proxy", "POST", "/mcp", token=MCP_TOKEN, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    response = endpoint_call(proxy, "through-proxy", "POST", "/mcp", token=MCP_TOKEN, json_body={"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     assert response.status_code == 202
     assert response.content == b""
@@ -450,14 +279,14 @@ def test_mcp_get_and_delete_405(proxy: Mitmdump, endpoint: str, method: str) -> 
 
 
 def test_mcp_unsupported_version_header(proxy: Mitmdump) -> None:
-    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json=PING, headers={"MCP-Protocol-Version": "1999-12-31"})
+    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json_body=PING, headers={"MCP-Protocol-Version": "1999-12-31"})
 
     assert response.status_code == 400
     assert "1999-12-31" in response.json()["error"]["message"]
 
 
 def test_mcp_batch_refused_in_2025_06_18(proxy: Mitmdump) -> None:
-    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json=[PING], headers={"MCP-Protocol-Version": "2025-06-18"})
+    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, json_body=[PING], headers={"MCP-Protocol-Version": "2025-06-18"})
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == -32600
@@ -465,33 +294,38 @@ def test_mcp_batch_refused_in_2025_06_18(proxy: Mitmdump) -> None:
 
 def test_mcp_body_over_limit(proxy: Mitmdump) -> None:
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "' + b"x" * (1024 * 1024) + b'"}}'
-    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, data=body, headers={"Content-Type": "application/json"})
+    response = endpoint_call(proxy, "loopback", "POST", "/mcp", token=MCP_TOKEN, data=body)
 
     assert response.status_code == 413
 
 
 def test_bad_mcp_max_ttl_stops_startup(tmp_path: pathlib.Path) -> None:
-    process = Mitmdump(tmp_path, max_ttl=0)
-    completed = subprocess.run(
-        process.command, capture_output=True, text=True, env=client_environment(), cwd=tmp_path, timeout=STARTUP_TIMEOUT_SECONDS,
-    )
-
-    assert completed.returncode != 0
-    assert "keys_mcp_max_ttl=0" in completed.stdout + completed.stderr
-
-
-def test_saved_flows_keep_no_secret(tmp_path: pathlib.Path, upstream: Upstream) -> None:
-    flows_path = tmp_path / "flows.mitm"
-    process = Mitmdump(tmp_path, "--set", f"save_stream_file={flows_path}").start()
+    process = Mitmdump(tmp_path, tmp_path / "keys.db", mcp_options(max_ttl=0))
+    # start() spawns mitmdump a second time after a failed start, so the log contains the output of both runs.
     try:
-        service_name, _ = create_service(process, upstream)
-
-        async def steps(session: ClientSession, initialized):
-            return await session.call_tool("request_key", {"service_name": service_name})
-
-        issued = run_session("http://keys.mitm/mcp", process.proxy_url, steps)
+        with pytest.raises(RuntimeError, match="did not start"):
+            process.start()
     finally:
         process.stop()
+
+    assert process.process is not None
+    assert process.process.returncode != 0
+    assert "keys_mcp_max_ttl=0" in process.log_text()
+
+
+def test_saved_flows_keep_no_secret(
+    tmp_path: pathlib.Path, upstream: Upstream, start_mitmdump: Callable[..., Mitmdump],
+) -> None:
+    flows_path = tmp_path / "flows.mitm"
+    process = start_mitmdump(*mcp_options(), "--set", f"save_stream_file={flows_path}")
+    service_name = process.api().create_service(upstream.base_url).name
+
+    async def steps(session: ClientSession, initialized):
+        return await session.call_tool("request_key", {"service_name": service_name})
+
+    issued = run_session("http://keys.mitm/mcp", process.proxy_url, steps)
+    # mitmproxy's save addon closes, and so flushes, the flow file only when mitmdump stops.
+    process.stop()
 
     secret = issued.structuredContent["virtual_key"]
     saved = flows_path.read_bytes()
