@@ -39,7 +39,7 @@ class Carriers(NamedTuple):
 
     secrets: frozenset[str]
     header_names: tuple[str, ...]
-    # True when the configured key header is present but holds no well-formed secret.
+    # True when the configured key header is present but contains no well-formed secret.
     malformed: bool
 
 
