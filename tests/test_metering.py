@@ -126,17 +126,23 @@ def test_refusal_recorded_with_reason(tmp_path):
     async def scenario():
         with metering_context(str(tmp_path / "keys.db")) as (enforcer, meter, recorder, store):
             add_service(store)
-            key_id, secret = add_key(store, scope="read", rate_limit=5)
-            flow = chat_flow(secret)
+            key_id, secret = add_key(store, scope="read", rate_limit=5, token_budget=100)
+            flow = chat_flow(secret, max_tokens=100)
             await run_request_hooks(enforcer, flow)
             meter.response(flow)
             await recorder.flush()
-            return store.get_key(key_id), store.usage_page(key_id, None, None, 1, 50)
+            # The whole budget is still free: the refusal reserved nothing.
+            follow_up = chat_flow(secret, max_tokens=100)
+            follow_up.request.method = "GET"
+            await run_request_hooks(enforcer, follow_up)
+            return store.get_key(key_id), store.usage_page(key_id, None, None, 1, 50), follow_up
 
-    key, page = asyncio.run(scenario())
+    key, page, follow_up = asyncio.run(scenario())
     assert page.events[0].refused == "insufficient scope"
     assert page.events[0].status == 403
     assert key.requests == 0
+    assert key.tokens_used == 0
+    assert follow_up.response is None
 
 
 def test_queued_events_written_at_shutdown(tmp_path):
