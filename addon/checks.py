@@ -7,6 +7,9 @@ from addon import destination
 from addon.records import KeyLookup
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Methods that make the upstream reflect the request, injected credential included, back to
+# the client. No scope allows them.
+REFLECTING_METHODS = frozenset({"TRACE", "TRACK"})
 
 
 class Refusal(NamedTuple):
@@ -36,6 +39,10 @@ class Request(NamedTuple):
     port: int
     path: str
     host_header: str | None
+    # The authority of an HTTP/1 absolute-form request target, which upstreams prefer to Host.
+    target_authority: str | None = None
+    # The TLS server name the client asked for, which mitmproxy passes on to the upstream.
+    sni: str | None = None
 
 
 @lru_cache(maxsize=1024)
@@ -67,12 +74,17 @@ def check_key(found: KeyLookup | None, request: Request, now: float) -> Refusal 
         upstream, request.scheme, request.host, request.port, request.path
     ):
         return WRONG_HOST
-    if not destination.host_header_agrees(
-        request.host_header, request.scheme, request.host, request.port
-    ):
+    for authority in (request.host_header, request.target_authority):
+        if not destination.host_header_agrees(authority, request.scheme, request.host, request.port):
+            return WRONG_HOST
+    # A name-based TLS front end routes by SNI, so the SNI must name the destination as well.
+    if request.scheme == "https" and request.sni and not destination.same_host(request.sni, request.host):
         return WRONG_HOST
 
-    if key.scope == "read" and request.method.upper() not in READ_METHODS:
+    method = request.method.upper()
+    if method in REFLECTING_METHODS:
+        return INSUFFICIENT_SCOPE
+    if key.scope == "read" and method not in READ_METHODS:
         return INSUFFICIENT_SCOPE
     return None
 

@@ -3,7 +3,7 @@
 import functools
 import ipaddress
 from typing import NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -54,11 +54,37 @@ def _normalize_host(host: str) -> str:
         return host
 
 
+def same_host(first: str, second: str) -> bool:
+    return _normalize_host(first) == _normalize_host(second)
+
+
+# Upstreams differ in how often they decode a path; three rounds cover %252e-style nesting.
+_DECODE_ROUNDS = 3
+
+
 def _has_dot_segment(path: str) -> bool:
-    # Decode first so that %2e%2e and ..%2f count as the dot segments an upstream would
-    # resolve them to.
-    decoded = unquote(path)
-    return any(segment in (".", "..") for segment in decoded.replace("\\", "/").split("/"))
+    """Return whether the path could resolve upward, as some upstream might read it.
+
+    The path is decoded until it stops changing, so %2e%2e, ..%2f and %252e%252e count. A
+    segment counts as a dot segment also with `;parameters` (Tomcat and Spring strip them)
+    and with surrounding blanks or NULs. A path that is not valid UTF-8 after decoding, such
+    as overlong %c0%ae, counts too, because some decoders turn it into dots.
+    """
+    decoded = path
+    for _ in range(_DECODE_ROUNDS):
+        raw = unquote_to_bytes(decoded)
+        try:
+            next_round = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        if next_round == decoded:
+            break
+        decoded = next_round
+    for segment in decoded.replace("\\", "/").split("/"):
+        name = segment.split(";", 1)[0].strip(" \t\x00")
+        if name in (".", ".."):
+            return True
+    return False
 
 
 def goes_to(upstream: Upstream, scheme: str, host: str, port: int, path: str) -> bool:
@@ -67,11 +93,16 @@ def goes_to(upstream: Upstream, scheme: str, host: str, port: int, path: str) ->
         return False
     if _normalize_host(host) != upstream.host:
         return False
-    path_only = path.split("?", 1)[0].split("#", 1)[0]
-    if _has_dot_segment(path_only):
+    if "#" in path:
+        # A fragment is never sent by a client; one in the target only hides a path.
         return False
     prefix = upstream.path_prefix
-    return not prefix or path_only == prefix or path_only.startswith(prefix + "/")
+    if not prefix:
+        return True
+    path_only = path.split("?", 1)[0]
+    if _has_dot_segment(path_only):
+        return False
+    return path_only == prefix or path_only.startswith(prefix + "/")
 
 
 def host_header_agrees(host_header: str | None, scheme: str, host: str, port: int) -> bool:

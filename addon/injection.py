@@ -33,17 +33,29 @@ def inject(
     strip_carriers(request, key_header, also_drop=[*set_headers, AGENT_HEADER])
     for name, value in set_headers.items():
         request.headers[name] = value
+    if not (request.is_http2 or request.is_http3):
+        # Origin form: an absolute-form target would name the host a second time, and
+        # upstreams prefer it to Host.
+        request.authority = ""
+
+
+def _header_key(name: bytes) -> bytes:
+    # CGI and WSGI servers read X_Virtual_Key_ID and X-Virtual-Key-ID as one variable.
+    return name.lower().replace(b"_", b"-")
 
 
 def strip_carriers(request: http.Request, key_header: str, also_drop: Iterable[str] = ()) -> None:
-    """Drop every header that carries a key, and the named headers, in any letter case."""
-    dropped = {name.lower().encode() for name in also_drop} | {key_header.lower().encode()}
-    request.headers.fields = tuple(
-        (name, value)
-        for name, value in request.headers.fields
-        if name.lower() not in dropped
-        and keyformat.secret_in_value(value.decode("latin-1")) is None
-    )
+    """Drop every header and trailer that carries a key, and the named ones, in any letter case."""
+    dropped = {_header_key(name.encode()) for name in also_drop} | {_header_key(key_header.encode())}
+    for fields_of in (request.headers, request.trailers):
+        if fields_of is None:
+            continue
+        fields_of.fields = tuple(
+            (name, value)
+            for name, value in fields_of.fields
+            if _header_key(name) not in dropped
+            and keyformat.secret_in_value(value.decode("latin-1")) is None
+        )
 
 
 def headers_already_sent(request: http.Request) -> bool:
@@ -53,6 +65,32 @@ def headers_already_sent(request: http.Request) -> bool:
     request hook runs; a streamed one has none.
     """
     return bool(request.stream) and request.raw_content is None
+
+
+def redact_echo_in_headers(headers: http.Headers, credential: str) -> None:
+    """Replace the credential wherever a response header repeats it."""
+    secret = credential.encode("latin-1")
+    if any(secret in value for _, value in headers.fields):
+        headers.fields = tuple(
+            (name, value.replace(secret, REDACTED.encode())) for name, value in headers.fields
+        )
+
+
+def redact_echo_in_body(response: http.Response, credential: str) -> bool:
+    """Replace the credential in a buffered response body; return whether it was there.
+
+    An upstream that reflects requests (TRACE, echo endpoints, debug pages) would otherwise
+    hand the credential to the key holder. Streamed bodies are not searched.
+    """
+    try:
+        body = response.get_content(strict=True)
+    except ValueError:
+        return False
+    secret = credential.encode("latin-1")
+    if not body or secret not in body:
+        return False
+    response.content = body.replace(secret, REDACTED.encode())
+    return True
 
 
 def redact(request: http.Request, credential_header: str) -> None:

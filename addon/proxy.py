@@ -40,9 +40,11 @@ class KeyEnforcer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Keys that passed the header checks, waiting for the request hook. Held here and
-        # not in flow.metadata because a lookup carries the credential.
-        self._admitted: weakref.WeakKeyDictionary[http.HTTPFlow, KeyLookup] = weakref.WeakKeyDictionary()
+        # Secrets of keys that passed the header checks, waiting for the request hook. Held
+        # here and not in flow.metadata, which saved flows contain.
+        self._admitted: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
+        # Credentials injected into flows, for removing them from whatever the upstream echoes.
+        self._credentials: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         # Flows that carry an injected credential which has not been redacted yet.
         self._unredacted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._pruned_window = 0
@@ -71,33 +73,44 @@ class KeyEnforcer:
             return
         (secret,) = carriers.secrets
 
+        if await self._look_up(flow, secret) is None:
+            return
+        # The body must reach the request hook before anything is sent upstream.
+        request.stream = False
+        self._admitted[flow] = secret
+
+    async def _look_up(self, flow: http.HTTPFlow, secret: str) -> KeyLookup | None:
+        """Find the key and run the read-only checks; refuse the flow and return None if one fails."""
+        store = self.settings.store
+        assert store is not None
         try:
             found = await store.run(lambda db: store.find_key_now(db, secret))
         except StoreUnavailable as error:
             log.error("key store unavailable while looking up a key: %s", error)
             self._refuse(flow, checks.STORE_UNAVAILABLE)
-            return
+            return None
 
-        refusal = checks.check_key(found, _request_line(request), timeutil.now())
+        refusal = checks.check_key(found, _request_line(flow), timeutil.now())
         if refusal is not None:
             self._refuse(flow, refusal, found)
-            return
-        assert found is not None
-        # The body must reach the request hook before anything is sent upstream.
-        request.stream = False
-        self._admitted[flow] = found
+            return None
+        return found
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        found = self._admitted.pop(flow, None)
-        if found is None:
+        secret = self._admitted.pop(flow, None)
+        if secret is None:
             if injection.headers_already_sent(flow.request):
                 self._redact(flow)
             return
         if flow.response or flow.error or not flow.live:
             return
         if injection.headers_already_sent(flow.request):
-            log.error("killed a request of key %s: another addon streamed it before the key was checked", found.key.id)
+            log.error("killed a request with a virtual key: another addon streamed it before the key was checked")
             flow.kill()
+            return
+        # Checked again: the key may have been revoked or expired while the body arrived.
+        found = await self._look_up(flow, secret)
+        if found is None:
             return
         store = self.settings.store
         config = self.settings.config
@@ -138,6 +151,7 @@ class KeyEnforcer:
 
         assert found.credential is not None and found.credential_header is not None
         injection.inject(flow.request, config.key_header, key.id, found.credential_header, found.credential, key.agent)
+        self._credentials[flow] = found.credential
         decision["credential_header"] = found.credential_header
         flow.metadata[DECISION] = decision
         flow.comment = f"mitmkeys: key {key.id}, service {key.target}"
@@ -186,9 +200,19 @@ class KeyEnforcer:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
+        credential = self._credentials.get(flow)
+        if credential and flow.response:
+            injection.redact_echo_in_headers(flow.response.headers, credential)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
+        credential = self._credentials.pop(flow, None)
+        if credential and flow.response and not flow.response.stream:
+            if injection.redact_echo_in_body(flow.response, credential):
+                log.warning(
+                    "removed the credential of service %s that the upstream echoed in its response (key %s)",
+                    flow.metadata[DECISION].get("service"), flow.metadata[DECISION].get("key_id"),
+                )
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
@@ -207,7 +231,11 @@ class KeyEnforcer:
         self._unredacted.discard(flow)
 
 
-def _request_line(request: http.Request) -> checks.Request:
+def _request_line(flow: http.HTTPFlow) -> checks.Request:
+    request = flow.request
+    # For HTTP/2 and HTTP/3 the authority is the :authority pseudo-header, which host_header
+    # already returns; for HTTP/1 it is the absolute-form request target.
+    is_http1 = not (request.is_http2 or request.is_http3)
     return checks.Request(
         method=request.method,
         scheme=request.scheme,
@@ -215,4 +243,6 @@ def _request_line(request: http.Request) -> checks.Request:
         port=request.port,
         path=request.path,
         host_header=request.host_header,
+        target_authority=(request.authority or None) if is_http1 else None,
+        sni=flow.server_conn.sni or flow.client_conn.sni,
     )

@@ -1,5 +1,8 @@
 """End to end: a key is forwarded only to its service's host, port and path prefix."""
 
+import socket
+import ssl
+
 import pytest
 
 from tests.e2e_support import (
@@ -126,3 +129,37 @@ def test_path_outside_prefix_rejected(proxy: Mitmdump, prefix_key: Key, upstream
     assert response.status == 403
     assert error_of(response) == WRONG_HOST
     assert upstream.received() == []
+
+
+def _get_through_tls_tunnel(proxy: Mitmdump, port: int, server_name: str, secret: str) -> tuple[int, bytes]:
+    """CONNECT to localhost:port, speak TLS with this SNI, send one GET with the key; return status and body."""
+    with socket.create_connection(("127.0.0.1", proxy.proxy_port), timeout=10) as raw:
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        context = ssl.create_default_context(cafile=str(proxy.ca_path))
+        context.check_hostname = False
+        with context.wrap_socket(raw, server_hostname=server_name) as tunnel:
+            tunnel.sendall(
+                f"GET /sni HTTP/1.1\r\nHost: localhost:{port}\r\nX-Virtual-Key: {secret}\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tunnel.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("server_name, status", [("localhost", 200), ("other.test", 403)])
+def test_tls_server_name_must_match(proxy: Mitmdump, api: Api, tls_upstream: Upstream, server_name: str, status: int) -> None:
+    # A TLS front end that routes by SNI would hand the credential to whatever name the client chose.
+    service = api.create_service(f"https://localhost:{tls_upstream.port}")
+    key = api.create_key(service.name)
+
+    answer_status, body = _get_through_tls_tunnel(proxy, tls_upstream.port, server_name, key.secret)
+
+    assert answer_status == status
+    if status == 403:
+        assert b"key not valid for this host" in body
+        assert tls_upstream.received("/sni") == []
+    else:
+        assert tls_upstream.received("/sni")[0].header_values("Authorization") == [f"Bearer {service.credential}"]

@@ -449,3 +449,123 @@ def test_http2_authority_must_agree(db_path, authority, refused):
         assert error_of(flow) == (403, "key not valid for this host")
     else:
         assert flow.response is None
+
+
+@pytest.mark.parametrize("sni, refused", [("api.example", False), ("API.example.", False), ("other.example", True), (None, False)])
+def test_tls_server_name_must_agree(db_path, sni, refused):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store, base_url="https://api.example")
+            _, secret = add_key(store)
+            flow = make_flow([("X-Virtual-Key", secret)], scheme="https", port=443, host_header="api.example", sni=sni)
+            await run_request_hooks(enforcer, flow)
+            return flow
+
+    flow = run(scenario())
+    if refused:
+        assert error_of(flow) == (403, "key not valid for this host")
+    else:
+        assert flow.response is None
+
+
+def test_absolute_form_target_must_agree(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store)
+            other = make_flow([("X-Virtual-Key", secret)])
+            other.request.authority = "other.example:8000"
+            same = make_flow([("X-Virtual-Key", secret)])
+            same.request.authority = "api.example:8000"
+            for flow in (other, same):
+                await run_request_hooks(enforcer, flow)
+            return other, same
+
+    other, same = run(scenario())
+    assert error_of(other) == (403, "key not valid for this host")
+    assert same.response is None
+    assert same.request.authority == ""
+
+
+@pytest.mark.parametrize("scope", ["read", "write"])
+def test_trace_refused_for_every_scope(db_path, scope):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store, scope=scope)
+            flow = make_flow([("X-Virtual-Key", secret)], method="TRACE")
+            await run_request_hooks(enforcer, flow)
+            return flow
+
+    assert error_of(run(scenario())) == (403, "insufficient scope")
+
+
+def test_revoked_while_body_arrives(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            key_id, secret = add_key(store)
+            flow = make_flow([("X-Virtual-Key", secret)])
+            await enforcer.requestheaders(flow)
+            admitted_after_headers = flow.response is None
+            store.revoke_key(key_id)
+            await enforcer.request(flow)
+            return flow, admitted_after_headers
+
+    flow, admitted_after_headers = run(scenario())
+    assert admitted_after_headers is True
+    assert error_of(flow) == (401, "key revoked")
+    assert CREDENTIAL not in str(flow.request.headers)
+
+
+def test_underscore_copies_dropped(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            key_id, secret = add_key(store)
+            flow = make_flow([
+                ("X-Virtual-Key", secret), ("X_Virtual_Key_ID", "forged"), ("x_virtual_key_agent", "forged"),
+            ])
+            await run_request_hooks(enforcer, flow)
+            return flow, key_id
+
+    flow, key_id = run(scenario())
+    names = [name.lower() for name, _ in flow.request.headers.items(multi=True)]
+    assert "x_virtual_key_id" not in names
+    assert "x_virtual_key_agent" not in names
+    assert flow.request.headers["X-Virtual-Key-ID"] == key_id
+
+
+def test_carriers_dropped_from_trailers(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store)
+            flow = make_flow([("X-Virtual-Key", secret)])
+            flow.request.trailers = http.Headers([
+                (b"x-virtual-key", secret.encode()), (b"x-virtual-key-id", b"forged"), (b"x-checksum", b"kept"),
+            ])
+            await run_request_hooks(enforcer, flow)
+            return flow
+
+    trailers = run(scenario()).request.trailers
+    assert list(trailers.keys()) == ["x-checksum"]
+
+
+def test_echoed_credential_removed_from_response(db_path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store)
+            flow = make_flow([("X-Virtual-Key", secret)])
+            await run_request_hooks(enforcer, flow)
+            flow.response = http.Response.make(
+                200, f"you sent Authorization: Bearer {CREDENTIAL}".encode(), {"X-Echo": f"Bearer {CREDENTIAL}"},
+            )
+            enforcer.responseheaders(flow)
+            enforcer.response(flow)
+            return flow
+
+    flow = run(scenario())
+    assert CREDENTIAL.encode() not in flow.response.content
+    assert CREDENTIAL not in str(flow.response.headers)

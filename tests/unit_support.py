@@ -51,7 +51,7 @@ def add_key(store: Store, target: str = "svc", **fields) -> tuple[str, str]:
 def make_flow(
     headers: list[tuple[str, str]], method: str = "GET", scheme: str = "http",
     host: str = "api.example", port: int = 8000, path: str = "/v1/models",
-    host_header: str | None = "api.example:8000",
+    host_header: str | None = "api.example:8000", sni: str | None = None,
 ) -> http.HTTPFlow:
     fields = [(name.encode(), value.encode()) for name, value in headers]
     if host_header is not None:
@@ -60,7 +60,10 @@ def make_flow(
         method=method.encode(), scheme=scheme.encode(), host=host, port=port,
         path=path.encode(), headers=http.Headers(fields), content=b"",
     )
-    return tflow.tflow(req=request)
+    flow = tflow.tflow(req=request)
+    flow.client_conn.sni = sni
+    flow.server_conn.sni = sni
+    return flow
 
 
 def error_of(flow: http.HTTPFlow) -> tuple[int, str] | None:
