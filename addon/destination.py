@@ -2,6 +2,7 @@
 
 import functools
 import ipaddress
+import re
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -31,6 +32,8 @@ def parse_base_url(base_url: str) -> Upstream:
         raise ValueError("must start with http:// or https://")
     if not parts.hostname:
         raise ValueError("has no host")
+    if not _valid_host(parts.hostname):
+        raise ValueError("has an invalid host name")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not contain user information; put the secret in credential")
     if parts.query or parts.fragment:
@@ -52,6 +55,22 @@ def _normalize_host(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host
+
+
+_HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return _HOST_NAME_RE.fullmatch(ascii_host.lower()) is not None
 
 
 def same_host(first: str, second: str) -> bool:

@@ -514,20 +514,9 @@ _REQUEST_KEY_OUTPUT: dict[str, Any] = {
 # -- JSON-RPC message checks -------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse_json(body: bytes) -> Any:
     """Return the decoded body. Raise ValueError naming the problem when it is not JSON."""
-    if not body.strip():
-        raise ValueError("the request body is empty")
-    try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as problem:
-        raise ValueError(f"the request body is not UTF-8: {problem}") from None
-    except json.JSONDecodeError as problem:
-        raise ValueError(str(problem)) from None
+    return validation.load_json(body)
 
 
 def _is_request_id(value: Any) -> bool:

@@ -51,12 +51,36 @@ DEFAULT_PER_PAGE = 50
 MAX_PER_PAGE = 500
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(body: bytes) -> Any:
+    """Decode a JSON document; raise ValueError naming the problem.
+
+    NaN and Infinity are rejected, and so are documents nested too deeply for the parser.
+    """
+    if not body.strip():
+        raise ValueError("the request body is empty")
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the request body is not UTF-8: {error}") from None
+    except RecursionError:
+        raise ValueError("the request body is nested too deeply") from None
+    except ValueError as error:
+        # JSONDecodeError, a rejected constant, or an integer with too many digits.
+        raise ValueError(str(error)) from None
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_BODY_BYTES:
         raise BadInput("request body is larger than 1 MiB")
+    if not body.strip():
+        raise BadInput("request body must be a JSON object")
     try:
-        data = json.loads(body.decode("utf-8")) if body.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        data = load_json(body)
+    except ValueError as error:
         raise BadInput(f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise BadInput("request body must be a JSON object")
@@ -80,6 +104,10 @@ def _string(data: dict[str, Any], field: str, *, required: bool) -> str | None:
     return value
 
 
+# The largest integer a SQLite INTEGER column stores.
+MAX_INTEGER = 2**63 - 1
+
+
 def _integer(data: dict[str, Any], field: str) -> int | None:
     value = data.get(field)
     if value is None:
@@ -87,6 +115,8 @@ def _integer(data: dict[str, Any], field: str) -> int | None:
     # bool is an int in Python, but true is not a number in JSON.
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadInput(f"{field} must be an integer")
+    if value > MAX_INTEGER:
+        raise BadInput(f"{field} must be at most {MAX_INTEGER}")
     return value
 
 
@@ -97,6 +127,10 @@ def check_name(value: str, field: str) -> str:
 
 
 def _check_base_url(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput("base_url must be valid Unicode text") from None
     try:
         destination.parse_base_url(value)
     except ValueError as error:
@@ -172,6 +206,8 @@ def parse_expiry(data: dict[str, Any], now: float) -> float:
             raise BadInput(f"expires_at: {error}") from None
         if expires_at <= now:
             raise BadInput("expires_at must be in the future")
+        if expires_at > now + MAX_TTL_SECONDS:
+            raise BadInput("expires_at must be at most ten years ahead, as ttl_seconds is")
         return expires_at
     ttl = data.get("ttl_seconds")
     return now + (DEFAULT_TTL_SECONDS if ttl is None else parse_ttl(ttl))

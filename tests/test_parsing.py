@@ -162,3 +162,31 @@ def test_base_url_error_hides_password():
         validation.parse_new_service({"name": "s", "base_url": "https://user:hunter2@api.example", "credential": "c"})
     assert "hunter2" not in str(raised.value)
     assert "user information" in str(raised.value)
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 200_000 + b"]" * 200_000,
+    b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+    b'{"target": "svc", "rate_limit": ' + b"9" * 5000 + b"}",
+    b'{"target": "svc", "rate_limit": NaN}',
+])
+def test_hostile_json_is_bad_input(body):
+    with pytest.raises(BadInput, match="not valid JSON"):
+        validation.parse_json_object(body)
+
+
+@pytest.mark.parametrize("field", ["rate_limit", "token_budget"])
+def test_huge_integer_rejected(field):
+    with pytest.raises(BadInput, match=field):
+        validation.parse_new_key({"target": "svc", field: 10**30}, now=timeutil.now())
+
+
+def test_far_expiry_rejected():
+    with pytest.raises(BadInput, match="ten years"):
+        validation.parse_new_key({"target": "svc", "expires_at": "9999-12-31T23:59:59-12:00"}, now=timeutil.now())
+
+
+@pytest.mark.parametrize("url", ["http://%zz/", "http:// /", "http://exa mple.com", "http://\ud800.example/"])
+def test_invalid_base_url_host_rejected(url):
+    with pytest.raises(BadInput, match="base_url"):
+        validation.parse_new_service({"name": "s", "base_url": url, "credential": "c"})
