@@ -10,7 +10,7 @@ import tornado.netutil
 import tornado.web
 from mitmproxy import http, tls
 
-from addon import api, injection, mcp, validation
+from addon import api, destination, injection, mcp, validation
 from addon.settings import API_FLOW, Settings
 from addon.store import StoreUnavailable
 
@@ -132,7 +132,10 @@ class ApiListener:
         if config.api_port:
             log.info("mitmkeys management API: http://127.0.0.1:%d/ and http://%s/ through the proxy", self.port, config.api_host)
         else:
-            log.info("mitmkeys management API: http://%s/ through the proxy only", config.api_host)
+            log.info(
+                "mitmkeys management API: http://%s/ through the proxy, served from 127.0.0.1:%d "
+                "(keys_api_port=0 picks a random loopback port)", config.api_host, self.port,
+            )
 
     def _stop(self) -> None:
         if self._server is None:
@@ -173,6 +176,10 @@ class ApiListener:
             return
         flow.metadata[API_FLOW] = True
         flow.comment = "mitmkeys management API"
+        # The API reads no virtual key, so none may stay in the flow.
+        config = self.settings.config
+        assert config is not None
+        injection.strip_carriers(flow.request, config.key_header)
         if self.port is None:
             flow.response = http.Response.make(
                 503, b'{"error": "management API listener is not running"}', {"Content-Type": "application/json"}
@@ -215,10 +222,7 @@ class ApiListener:
         host = flow.request.host.lower().rstrip(".")
         if host == config.api_host:
             return True
-        return self.port is not None and flow.request.port == self.port and host in _LOOPBACK_NAMES
-
-
-_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+        return self.port is not None and flow.request.port == self.port and destination.is_local(host)
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:

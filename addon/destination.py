@@ -73,6 +73,21 @@ def _valid_host(host: str) -> bool:
     return _HOST_NAME_RE.fullmatch(ascii_host.lower()) is not None
 
 
+def is_local(host: str) -> bool:
+    """Return whether a host name or address reaches this machine: loopback, unspecified or localhost."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return address.is_loopback or address.is_unspecified
+
+
 def same_host(first: str, second: str) -> bool:
     return _normalize_host(first) == _normalize_host(second)
 

@@ -63,8 +63,8 @@ class Settings:
         )
         loader.add_option(
             "keys_api_port", int, 8081,
-            "Loopback port of the management API listener. 0 turns the fixed port off; the API "
-            "is then reachable only through the proxy at keys_api_host.",
+            "Loopback port of the management API listener. 0 picks a random loopback port, for "
+            "deployments that reach the API only through the proxy at keys_api_host.",
         )
         loader.add_option(
             "keys_strict", bool, False,

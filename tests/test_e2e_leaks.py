@@ -60,12 +60,19 @@ def _run_scenario(proxy: Mitmdump, upstream: Upstream, other_upstream: Upstream,
     proxied = Api("http://keys.mitm", proxy_session(proxy))
     # A client whose proxy settings also cover loopback reaches the direct API port as a flow.
     port_through_proxy = Api(f"http://127.0.0.1:{proxy.api_port}", proxy_session(proxy))
+    other_spellings = [
+        Api(f"http://{host}:{proxy.api_port}", proxy_session(proxy))
+        for host in ("[::ffff:127.0.0.1]", "0.0.0.0", "localhost")
+    ]
     secrets_by_label = {"admin token": ADMIN_TOKEN}
 
     # Services and keys made through the proxy, whose flows are saved, and on the direct port.
     bearer = proxied.create_service(upstream.base_url, credential=new_credential("proxied-cred"))
     proxied_key = proxied.create_key(bearer.name)
     port_key = port_through_proxy.create_key(bearer.name)
+    spelled_keys = [client.create_key(bearer.name) for client in other_spellings]
+    # The API also reads no key, so a key sent to it must not stay in the flow either.
+    stray = proxied.call("GET", "/v1/services", headers={"X-Virtual-Key": proxied_key.secret})
     listed = proxied.call("GET", "/v1/keys")
     unauthorized = proxied.call("GET", "/v1/keys", token=None)
     header_service = direct.create_service(upstream.base_url + "/h", credential_header="x-api-key")
@@ -79,7 +86,7 @@ def _run_scenario(proxy: Mitmdump, upstream: Upstream, other_upstream: Upstream,
     unknown = "vk_" + secrets.token_urlsafe(32)
     for service in (bearer, header_service, tls_service):
         secrets_by_label[f"credential of {service.name}"] = service.credential
-    for key in (proxied_key, port_key, header_key, tls_key, one_shot, revoked, read_only):
+    for key in (proxied_key, port_key, *spelled_keys, header_key, tls_key, one_shot, revoked, read_only):
         secrets_by_label[f"secret of key {key.id}"] = key.secret
     secrets_by_label["unknown key secret"] = unknown
 
@@ -115,6 +122,7 @@ def _run_scenario(proxy: Mitmdump, upstream: Upstream, other_upstream: Upstream,
 
     # Sanity checks that the scenario ran as planned; the leak checks are in the tests.
     assert listed.status_code == 200
+    assert stray.status_code == 200
     assert unauthorized.status_code == 401
     assert statuses == {
         "bearer": 200, "header": 200, "tls": 200, "one-shot": 200, "reused one-shot": 401,

@@ -190,3 +190,12 @@ def test_far_expiry_rejected():
 def test_invalid_base_url_host_rejected(url):
     with pytest.raises(BadInput, match="base_url"):
         validation.parse_new_service({"name": "s", "base_url": url, "credential": "c"})
+
+
+@pytest.mark.parametrize("host, local", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", True), ("::", True), ("localhost", True), ("LOCALHOST.", True),
+    ("10.0.0.1", False), ("example.com", False), ("keys.mitm", False),
+])
+def test_is_local(host, local):
+    assert destination.is_local(host) is local
