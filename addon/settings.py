@@ -124,6 +124,9 @@ class Settings:
             mcp_max_ttl=options.keys_mcp_max_ttl,
         )
 
+        if config.strict:
+            self._close_raw_paths()
+
         if self.store is None or self.config is None or self.config.database != config.database:
             self._open_store(config.database)
         if not config.admin_token:
@@ -132,6 +135,21 @@ class Settings:
                 ADMIN_TOKEN_ENV, " except MCP calls with keys_mcp_token" if config.mcp_token else "",
             )
         self.config = config
+
+    @staticmethod
+    def _close_raw_paths() -> None:
+        """Make mitmproxy parse every connection as HTTP, so strict mode sees every request.
+
+        With rawtcp on, mitmproxy relays a connection whose first bytes do not look like HTTP
+        as raw TCP, and no key is checked there; an upstream may still read it as HTTP.
+        """
+        options = ctx.options
+        if options.rawtcp:
+            log.info("keys_strict: turning rawtcp off, so every connection is checked as HTTP")
+            options.rawtcp = False
+        for option in ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts"):
+            if getattr(options, option, None):
+                log.warning("keys_strict: connections matched by %s bypass the virtual key checks", option)
 
     def _open_store(self, database: str) -> None:
         store = Store(database)

@@ -1,6 +1,8 @@
 """End to end: unknown, revoked, expired, conflicting and rate-limited keys, and requests without a key."""
 
 import pathlib
+import socket
+import threading
 import secrets
 import time
 from collections.abc import Callable
@@ -222,3 +224,38 @@ def test_strict_serves_api_host(strict_proxy: Mitmdump) -> None:
 
     assert response.status_code == 200
     assert response.json() == []
+
+
+def test_strict_tunnel_not_relayed_raw(strict_proxy: Mitmdump) -> None:
+    # A leading empty line made mitmproxy relay this tunnel as raw TCP, unchecked, although
+    # upstreams such as Node's http module still read an HTTP request from it. A raw socket
+    # stands in for such an upstream and records whatever bytes reach it.
+    received = bytearray()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def record() -> None:
+            try:
+                peer, _ = listener.accept()
+            except TimeoutError:
+                return
+            with peer:
+                peer.settimeout(3)
+                try:
+                    while chunk := peer.recv(65536):
+                        received.extend(chunk)
+                except (TimeoutError, ConnectionResetError):
+                    pass
+
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        with socket.create_connection(("127.0.0.1", strict_proxy.proxy_port), timeout=10) as connection:
+            target = f"127.0.0.1:{port}"
+            connection.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            connection.sendall(f"\r\nGET /raw-tunnel HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            time.sleep(1)
+        recorder.join()
+
+    assert b"/raw-tunnel" not in received

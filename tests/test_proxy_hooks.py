@@ -569,3 +569,12 @@ def test_echoed_credential_removed_from_response(db_path):
     flow = run(scenario())
     assert CREDENTIAL.encode() not in flow.response.content
     assert CREDENTIAL not in str(flow.response.headers)
+
+
+
+def test_strict_mode_turns_raw_tcp_off(db_path):
+    async def scenario():
+        with enforcer_context(db_path, keys_strict=True) as (_, _, tctx):
+            return tctx.options.rawtcp
+
+    assert run(scenario()) is False
