@@ -12,6 +12,17 @@ _SECRET_RANDOM_BYTES = 32
 _SECRET_RE = re.compile(r"vk_[A-Za-z0-9_-]{32,}")
 _BEARER_RE = re.compile(r"bearer[ \t]+(vk_[A-Za-z0-9_-]{32,})", re.IGNORECASE)
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A secret anywhere inside a text, as opposed to a header value that is a secret and nothing else.
+_EMBEDDED_RE = re.compile(r"vk_[A-Za-z0-9_-]{32,}")
+REDACTED_SECRET = "vk_[redacted]"
+
+
+def contains_secret(text: str) -> bool:
+    return _EMBEDDED_RE.search(text) is not None
+
+
+def redact_secrets(text: str) -> str:
+    return _EMBEDDED_RE.sub(REDACTED_SECRET, text)
 
 
 def new_secret() -> str:
@@ -41,6 +52,9 @@ class Carriers(NamedTuple):
     header_names: tuple[str, ...]
     # True when the configured key header is present but contains no well-formed secret.
     malformed: bool
+    # True when a secret sits inside another header's value (a cookie, a list, "Token vk_..."),
+    # where the proxy would neither read nor remove it.
+    embedded: bool = False
 
 
 def find_carriers(fields: tuple[tuple[bytes, bytes], ...], key_header: str) -> Carriers:
@@ -53,15 +67,17 @@ def find_carriers(fields: tuple[tuple[bytes, bytes], ...], key_header: str) -> C
     found: set[str] = set()
     names: list[str] = []
     malformed = False
+    embedded = False
     for raw_name, raw_value in fields:
         value = raw_value.decode("latin-1")
         secret = secret_in_value(value)
         is_key_header = raw_name.lower() == key_header_lower
         if secret is None and not is_key_header:
+            embedded = embedded or contains_secret(value)
             continue
         names.append(raw_name.decode("latin-1"))
         if secret is None:
             malformed = True
         else:
             found.add(secret)
-    return Carriers(frozenset(found), tuple(names), malformed)
+    return Carriers(frozenset(found), tuple(names), malformed, embedded)

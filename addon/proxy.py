@@ -59,6 +59,12 @@ class KeyEnforcer:
         request = flow.request
 
         carriers = keyformat.find_carriers(request.headers.fields, config.key_header)
+        if carriers.embedded or keyformat.contains_secret(request.path):
+            # Fail closed: a secret in the URL or inside another header would be forwarded.
+            _remove_embedded_secrets(request)
+            injection.strip_carriers(request, config.key_header)
+            self._refuse(flow, checks.INVALID_KEY, detail="a key outside a header of its own")
+            return
         if not carriers.header_names:
             if config.strict:
                 self._refuse(flow, checks.MISSING_KEY)
@@ -184,7 +190,7 @@ class KeyEnforcer:
 
     def _refuse(
         self, flow: http.HTTPFlow, refusal: Refusal, found: KeyLookup | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, detail: str | None = None,
     ) -> None:
         key_id = found.key.id if found else None
         refuse(flow, refusal, headers)
@@ -193,9 +199,9 @@ class KeyEnforcer:
         }
         flow.comment = f"mitmkeys: refused ({refusal.error})" + (f", key {key_id}" if key_id else "")
         log.info(
-            "refused %s %s://%s:%d: %s (key %s)",
+            "refused %s %s://%s:%d: %s (key %s)%s",
             flow.request.method, flow.request.scheme, flow.request.host, flow.request.port,
-            refusal.error, key_id or "-",
+            refusal.error, key_id or "-", f": {detail}" if detail else "",
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -229,6 +235,15 @@ class KeyEnforcer:
         if header:
             injection.redact(flow.request, header)
         self._unredacted.discard(flow)
+
+
+def _remove_embedded_secrets(request: http.Request) -> None:
+    """Take every secret out of the path and drop the headers that contain one."""
+    request.path = keyformat.redact_secrets(request.path)
+    request.headers.fields = tuple(
+        (name, value) for name, value in request.headers.fields
+        if not keyformat.contains_secret(value.decode("latin-1"))
+    )
 
 
 def _request_line(flow: http.HTTPFlow) -> checks.Request:

@@ -1,5 +1,6 @@
 """scripts/mitmkeys_admin.py run as a subprocess against a key store in tmp_path."""
 
+import datetime
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,6 +18,11 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "mitmkeys_
 CREDENTIAL = "sk-cli-test-credential-4c1f"
 CREDENTIAL_ENV = "MITMKEYS_TEST_CREDENTIAL"
 SECRET_RE = re.compile(r"vk_[A-Za-z0-9_-]{32,}")
+
+# Without an offset, which the CLI reads as UTC; within the ten years a key may live.
+IN_THREE_YEARS = datetime.datetime.fromtimestamp(
+    time.time() + 3 * 365 * 86400, datetime.timezone.utc
+).replace(microsecond=0, tzinfo=None).isoformat()
 
 
 class Admin:
@@ -106,7 +113,7 @@ def test_key_create_prints_secret_once(admin: Admin) -> None:
 
 def test_key_create_options(admin: Admin) -> None:
     admin.add_demo_service()
-    admin.create_key("--id", "reader", "--scope", "read", "--expires-at", "2099-01-01T00:00:00")
+    admin.create_key("--id", "reader", "--scope", "read", "--expires-at", IN_THREE_YEARS)
     admin.create_key("--id", "once", "--one-shot", "--ttl", "60")
     admin.create_key("--id", "budgeted", "--token-budget", "1000")
     result = admin.run("key", "create", "demo", "--json")
@@ -117,7 +124,7 @@ def test_key_create_options(admin: Admin) -> None:
     assert created["source"] == "cli"
     keys = admin.keys()
     assert keys["reader"]["scope"] == "read"
-    assert keys["reader"]["expires_at"] == "2099-01-01T00:00:00Z"
+    assert keys["reader"]["expires_at"] == IN_THREE_YEARS + "Z"
     assert keys["once"]["one_shot"] is True
     assert keys["budgeted"]["token_budget"] == 1000
     assert created["id"] in keys

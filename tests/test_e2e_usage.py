@@ -315,15 +315,16 @@ def test_events_survive_restart(start_mitmdump, llm, tmp_path):
 def test_update_key_fields(api):
     service = api.create_service("http://127.0.0.1:9")
     key = api.create_key(service.name)
+    expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3 * 365 * 86400))
     response = api.call("PUT", f"/v1/keys/{key.id}", json_body={
-        "rate_limit": 7, "token_budget": 500, "expires_at": "2999-01-01T00:00:00Z",
+        "rate_limit": 7, "token_budget": 500, "expires_at": expires_at,
     })
     assert response.status_code == 200
     body = response.json()
     assert body["rate_limit"] == 7
     assert body["token_budget"] == 500
     assert body["tokens_remaining"] == 500
-    assert body["expires_at"] == "2999-01-01T00:00:00Z"
+    assert body["expires_at"] == expires_at
 
     cleared = api.call("PUT", f"/v1/keys/{key.id}", json_body={"rate_limit": None, "token_budget": None})
     assert cleared.json()["rate_limit"] is None

@@ -578,3 +578,25 @@ def test_strict_mode_turns_raw_tcp_off(db_path):
             return tctx.options.rawtcp
 
     assert run(scenario()) is False
+
+
+@pytest.mark.parametrize("headers, path", [
+    ([("Cookie", "session={secret}")], "/v1/models"),
+    ([("X-Other", "vk_a, {secret}")], "/v1/models"),
+    ([("Authorization", "Token {secret}")], "/v1/models"),
+    ([], "/v1/models?key={secret}"),
+    ([("X-Virtual-Key", "{secret}")], "/v1/models?key={secret}"),
+])
+def test_key_outside_own_header_refused(db_path, headers, path):
+    async def scenario():
+        with enforcer_context(db_path) as (enforcer, store, _):
+            add_service(store)
+            _, secret = add_key(store)
+            flow = make_flow([(name, value.format(secret=secret)) for name, value in headers], path=path.format(secret=secret))
+            await run_request_hooks(enforcer, flow)
+            return flow, secret
+
+    flow, secret = run(scenario())
+    assert error_of(flow) == (401, "invalid key")
+    assert secret not in flow.request.path
+    assert secret not in str(flow.request.headers)
