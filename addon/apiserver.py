@@ -2,6 +2,7 @@
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import Mapping
 
@@ -59,6 +60,15 @@ class _Handler(tornado.web.RequestHandler):
 
     def compute_etag(self) -> None:
         return None
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        # Errors raised by tornado itself (an unknown method, a malformed request) are answered
+        # in the API's JSON shape instead of tornado's HTML page.
+        self.set_header("Content-Type", "application/json")
+        reason = self._reason.lower() if self._reason else "error"
+        if status_code == 405:
+            reason = f"method {self.request.method} not allowed"
+        self.finish(json.dumps({"error": reason}).encode())
 
 
 class ApiListener:

@@ -386,3 +386,12 @@ def test_expiry_with_offset_returned_utc(api: Api, service: Service) -> None:
 
 def _parse_utc(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
+def test_unknown_method_answered_in_json(api: Api, method: str) -> None:
+    response = api.call(method, "/v1/keys")
+
+    assert response.status_code == 405
+    assert response.headers["Content-Type"] == "application/json"
+    assert error_of(response) == f"method {method} not allowed"
