@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
 import pathlib
 import sys
@@ -48,7 +49,8 @@ async def measure(count: int) -> None:
     settings = Settings()
     recorder = UsageRecorder(settings)
     addons = [ApiListener(settings), KeyEnforcer(settings), UsageMeter(recorder), recorder, settings]
-    with taddons.context(*addons) as tctx:
+    # Loading opens the default ./keys.db before keys_db is set, so work in the temporary folder.
+    with contextlib.chdir(directory), taddons.context(*addons) as tctx:
         tctx.configure(settings, keys_db=str(directory / "keys.db"))
         store = settings.store
         store.create_service("svc", "http://api.example:8000", "sk-hook-cost", "Authorization")

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 
 from mitmproxy import http
 from mitmproxy.test import taddons
@@ -22,7 +23,7 @@ def metering_context(db_path):
     enforcer = KeyEnforcer(settings)
     recorder = UsageRecorder(settings)
     meter = UsageMeter(recorder)
-    with taddons.context(settings, enforcer, meter, recorder) as tctx:
+    with contextlib.chdir(os.path.dirname(db_path)), taddons.context(settings, enforcer, meter, recorder) as tctx:
         tctx.configure(settings, keys_db=db_path)
         try:
             yield enforcer, meter, recorder, settings.store

@@ -1,6 +1,7 @@
 """Shared set-up for the unit tests: a Settings/KeyEnforcer pair on a temporary store."""
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from mitmproxy import http
@@ -19,7 +20,9 @@ def enforcer_context(db_path: str, **options) -> Iterator[tuple[KeyEnforcer, Sto
     """Load Settings and KeyEnforcer into mitmproxy's test context; must run inside an event loop."""
     settings = Settings()
     enforcer = KeyEnforcer(settings)
-    with taddons.context(settings, enforcer) as tctx:
+    # Loading opens the default ./keys.db before tctx.configure points keys_db elsewhere, so
+    # the working directory is the test's own folder meanwhile.
+    with contextlib.chdir(os.path.dirname(db_path)), taddons.context(settings, enforcer) as tctx:
         tctx.configure(settings, keys_db=db_path, **options)
         assert settings.store is not None
         try:
