@@ -62,8 +62,8 @@ class _Handler(tornado.web.RequestHandler):
         return None
 
     def write_error(self, status_code: int, **kwargs) -> None:
-        # Errors raised by tornado itself (an unknown method, a malformed request) are answered
-        # in the API's JSON shape instead of tornado's HTML page.
+        # Errors raised by tornado itself (an unknown method, a malformed request) get the
+        # API's JSON shape instead of tornado's HTML page.
         self.set_header("Content-Type", "application/json")
         reason = self._reason.lower() if self._reason else "error"
         if status_code == 405:
@@ -74,9 +74,9 @@ class _Handler(tornado.web.RequestHandler):
 class ApiListener:
     """Runs the management API listener and sends proxied API calls to it.
 
-    A call through the proxy is redirected to the loopback listener with both bodies streamed,
-    so the flow keeps neither the request body nor the response (which holds new key secrets),
-    and the admin token is removed from the flow once the request has been sent.
+    A call through the proxy is redirected to the loopback listener with both bodies streamed.
+    The flow therefore keeps neither the request body nor the response, which contains new key
+    secrets, and the admin token is removed from the flow once the request has been sent.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -93,7 +93,8 @@ class ApiListener:
         store = self.settings.store
         if config is None or store is None:
             return api.error(503, "key store unavailable")
-        if uri.split("?", 1)[0] == mcp.ENDPOINT_PATH:
+        path = uri.split("?", 1)[0]
+        if path == mcp.ENDPOINT_PATH:
             # The MCP endpoint also takes keys_mcp_token; the REST routes take the admin token only.
             accepted_tokens = (config.admin_token, config.mcp_token)
             handle = functools.partial(mcp.McpServer(store, config).handle, method, authorization, dict(headers or {}))
@@ -105,10 +106,10 @@ class ApiListener:
         try:
             return await store.in_thread(handle, b"" if too_large else body)
         except StoreUnavailable as problem:
-            log.error("key store unavailable during %s %s: %s", method, uri.split("?", 1)[0], problem)
+            log.error("key store unavailable during %s %s: %s", method, path, problem)
             return api.error(503, "key store unavailable")
         except Exception:
-            log.exception("management API failed on %s %s", method, uri.split("?", 1)[0])
+            log.exception("management API failed on %s %s", method, path)
             return api.error(500, "internal error; see the proxy log")
 
     # -- listener lifecycle ------------------------------------------------------
@@ -172,8 +173,7 @@ class ApiListener:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Nothing listens at keys_api_host, so mitmproxy must not try its TLS first.
         address = data.context.server.address
-        config = self.settings.config
-        if config is not None and address and address[0].lower().rstrip(".") == config.api_host:
+        if address and self._names_api_host(address[0]):
             data.establish_server_tls_first = False
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -203,21 +203,16 @@ class ApiListener:
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(API_FLOW) and injection.headers_already_sent(flow.request):
-            self._forget_token(flow)
+            injection.redact(flow.request, "Authorization")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(API_FLOW) and flow.response:
-            self._forget_token(flow)
+            injection.redact(flow.request, "Authorization")
             flow.response.stream = True
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(API_FLOW):
-            self._forget_token(flow)
-
-    @staticmethod
-    def _forget_token(flow: http.HTTPFlow) -> None:
-        if "Authorization" in flow.request.headers:
-            flow.request.headers["Authorization"] = "[redacted by mitmkeys]"
+            injection.redact(flow.request, "Authorization")
 
     def _is_api_host(self, flow: http.HTTPFlow) -> bool:
         """Return whether a proxied request is a management API call.
@@ -226,13 +221,14 @@ class ApiListener:
         cover 127.0.0.1 reaches the API port through the proxy, and its flow must be kept as
         bare as a call to keys_api_host.
         """
-        config = self.settings.config
-        if config is None:
-            return False
-        host = flow.request.host.lower().rstrip(".")
-        if host == config.api_host:
+        host = flow.request.host
+        if self._names_api_host(host):
             return True
         return self.port is not None and flow.request.port == self.port and destination.is_local(host)
+
+    def _names_api_host(self, host: str) -> bool:
+        config = self.settings.config
+        return config is not None and host.lower().rstrip(".") == config.api_host
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:

@@ -93,7 +93,7 @@ def redact_echo_in_body(response: http.Response, credential: str) -> bool:
     return True
 
 
-def redact(request: http.Request, credential_header: str) -> None:
-    """Overwrite the injected credential in the flow; the request has already been sent."""
-    if credential_header in request.headers:
-        request.headers[credential_header] = REDACTED
+def redact(request: http.Request, header: str) -> None:
+    """Overwrite a secret header (credential, admin token) in a flow whose request was sent."""
+    if header in request.headers:
+        request.headers[header] = REDACTED

@@ -9,20 +9,19 @@ SECRET_PREFIX = "vk_"
 
 # 32 random bytes give 43 url-safe characters, above the 32 that a secret must carry.
 _SECRET_RANDOM_BYTES = 32
+# Matched whole against a header value, and searched for anywhere inside paths and values.
 _SECRET_RE = re.compile(r"vk_[A-Za-z0-9_-]{32,}")
-_BEARER_RE = re.compile(r"bearer[ \t]+(vk_[A-Za-z0-9_-]{32,})", re.IGNORECASE)
+_BEARER_RE = re.compile(rf"bearer[ \t]+({_SECRET_RE.pattern})", re.IGNORECASE)
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# A secret anywhere inside a text, as opposed to a header value that is a secret and nothing else.
-_EMBEDDED_RE = re.compile(r"vk_[A-Za-z0-9_-]{32,}")
 REDACTED_SECRET = "vk_[redacted]"
 
 
 def contains_secret(text: str) -> bool:
-    return _EMBEDDED_RE.search(text) is not None
+    return _SECRET_RE.search(text) is not None
 
 
 def redact_secrets(text: str) -> str:
-    return _EMBEDDED_RE.sub(REDACTED_SECRET, text)
+    return _SECRET_RE.sub(REDACTED_SECRET, text)
 
 
 def new_secret() -> str:

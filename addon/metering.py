@@ -64,17 +64,20 @@ class UsageMeter:
             flow.comment = f"{flow.comment}, {total} tokens"
 
     def error(self, flow: http.HTTPFlow) -> None:
-        decision = flow.metadata.get(DECISION)
-        if decision and decision.get("key_id") and not decision.get("refused") and flow in self._in_flight:
-            meter = self._meters.pop(flow, None)
-            self._record(flow, decision, meter.tokens if meter else None, meter.wire_bytes if meter else 0)
+        if _forwarded(flow) and flow in self._in_flight:
+            self._record_unfinished(flow, interrupted=False)
 
     def done(self) -> None:
         # Runs before the recorder's final write, so requests cut off by shutdown are kept.
         for flow in list(self._in_flight):
-            decision = flow.metadata.get(DECISION) or {}
-            meter = self._meters.pop(flow, None)
-            self._record(flow, decision, meter.tokens if meter else None, meter.wire_bytes if meter else 0, interrupted=True)
+            self._record_unfinished(flow, interrupted=True)
+
+    def _record_unfinished(self, flow: http.HTTPFlow, interrupted: bool) -> None:
+        """Record a forwarded request that ended without a complete response."""
+        meter = self._meters.pop(flow, None)
+        tokens = meter.tokens if meter else None
+        response_bytes = meter.wire_bytes if meter else 0
+        self._record(flow, flow.metadata[DECISION], tokens, response_bytes, interrupted=interrupted)
 
     @staticmethod
     def _tokens_of_body(response: http.Response) -> usage.Tokens | None:

@@ -1,6 +1,5 @@
 """End to end: the management API, directly on its loopback port and through the proxy at keys.mitm."""
 
-import datetime
 import json
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from tests.e2e_support import (
     Upstream,
     error_of,
     httpx_client,
+    parse_rfc3339,
     proxy_session,
     request_through,
     rfc3339_utc,
@@ -361,7 +361,7 @@ def test_key_default_scope_and_ttl(api: Api, service: Service) -> None:
     key = api.create_key(service.name)
 
     assert key.record["scope"] == "write"
-    expires_at = _parse_utc(key.record["expires_at"])
+    expires_at = parse_rfc3339(key.record["expires_at"])
     assert before + 3600 - 5 <= expires_at <= time.time() + 3600 + 5
 
 
@@ -382,10 +382,6 @@ def test_expiry_with_offset_returned_utc(api: Api, service: Service) -> None:
     key = api.create_key(service.name, expires_at=shifted)
 
     assert key.record["expires_at"] == rfc3339_utc(moment)
-
-
-def _parse_utc(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 @pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
