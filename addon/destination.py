@@ -140,7 +140,7 @@ def goes_to(upstream: Upstream, scheme: str, host: str, port: int, path: str) ->
 
 
 def host_header_agrees(host_header: str | None, scheme: str, host: str, port: int) -> bool:
-    """Whether the Host or :authority header names the host and port that mitmproxy connects to.
+    """Return whether the Host or :authority header names the host and port mitmproxy connects to.
 
     A request without the header agrees: the destination alone decides then.
     """

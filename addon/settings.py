@@ -138,7 +138,7 @@ class Settings:
 
     @staticmethod
     def _close_raw_paths() -> None:
-        """Make mitmproxy parse every connection as HTTP, so strict mode sees every request.
+        """Make mitmproxy parse every connection as HTTP, so strict mode checks every request.
 
         With rawtcp on, mitmproxy relays a connection whose first bytes do not look like HTTP
         as raw TCP, and no key is checked there; an upstream may still read it as HTTP.

@@ -94,8 +94,8 @@ class _Database(peewee.SqliteDatabase):
 class Store:
     """Services and virtual keys in one SQLite database (WAL mode).
 
-    NOTE: the peewee models are bound to the store opened last, so one process uses one
-    open store at a time; the addon and the admin CLI do.
+    NOTE: the peewee models are bound to the store opened last. So a process uses one open
+    store at a time, as the addon and the admin CLI do.
     """
 
     def __init__(self, database: str) -> None:

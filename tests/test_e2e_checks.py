@@ -229,7 +229,7 @@ def test_strict_serves_api_host(strict_proxy: Mitmdump) -> None:
 def test_strict_tunnel_not_relayed_raw(strict_proxy: Mitmdump) -> None:
     # A leading empty line made mitmproxy relay this tunnel as raw TCP, unchecked, although
     # upstreams such as Node's http module still read an HTTP request from it. A raw socket
-    # stands in for such an upstream and records whatever bytes reach it.
+    # plays such an upstream and records whatever bytes reach it.
     received = bytearray()
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(10)

@@ -212,7 +212,7 @@ def test_budget_concurrent_requests(proxy, api, llm):
     assert statuses.count(200) + statuses.count(429) == 10
     wait_for_events(api, key.id, 11)
     record = api.get_key(key.id)
-    # Each admitted request used no more than its max_tokens, so the budget holds exactly.
+    # Each admitted request used no more than its max_tokens, so the total stays within the budget.
     assert record["tokens_used"] <= 1000
     assert record["tokens_remaining"] == 1000 - record["tokens_used"]
 
@@ -241,7 +241,7 @@ def test_refused_request_recorded(proxy, api, llm):
 
     with proxy_session(proxy) as session:
         allowed = session.get(llm_url(llm) + "/anything", headers={"X-Virtual-Key": key.secret}, timeout=10)
-    assert allowed.status_code == 404  # the upstream's answer: the rate limit did not count the refusal
+    assert allowed.status_code == 404  # the upstream's 404: the rate limit did not count the refusal
     body = wait_for_events(api, key.id, 2)
     reasons = [event["refused"] for event in body["events"]]
     assert "insufficient scope" in reasons
